@@ -1,0 +1,9 @@
+"""Errors that are the user's to fix: the CLI prints their message and exits without a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in input (a path, a flag, a file): the message names the problem and the fix."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (incomplete, corrupt, or from an incompatible run)."""

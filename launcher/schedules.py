@@ -1,0 +1,80 @@
+"""Learning-rate schedules as pure functions of the optimizer step.
+
+`lr_multiplier(step, steps, cfg)` is the factor applied to the peak lr for the update with index `step`
+(0 for the first optimizer step). Nothing else is state, so resuming needs only the step, and
+`torch.optim.lr_scheduler.LambdaLR` applies it.
+
+- Warm-up (steps 0..W-1), from `warmup_start_factor` (s) to 1:
+  linear s + (1 - s) * step / W; exponential s ** (1 - step / W); constant s.
+- After warm-up: constant 1; cosine from 1 at step W down to `min_lr_factor` at step `total`;
+  step gamma ** (step // step_size); multistep gamma ** (milestones passed). Step and multi-step count from
+  the start of training (so milestones read as "epoch 20, 40, 60"), cosine from the end of warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from launcher.config import ScheduleConfig
+
+
+@dataclass(frozen=True)
+class ScheduleSteps:
+    """The schedule's lengths converted from epochs to optimizer steps."""
+
+    total: int
+    warmup: int
+    step_size: int
+    milestones: tuple[int, ...]
+    steps_per_epoch: int
+
+
+def schedule_steps(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> ScheduleSteps:
+    if cfg.warmup == "none":
+        warmup = 0
+    elif cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    else:
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return ScheduleSteps(
+        total=total_steps,
+        warmup=max(0, warmup),
+        step_size=max(1, round(cfg.step_size_epochs * steps_per_epoch)),
+        milestones=tuple(sorted(round(m * steps_per_epoch) for m in cfg.milestones_epochs)),
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def lr_multiplier(step: int, steps: ScheduleSteps, cfg: ScheduleConfig) -> float:
+    if step < steps.warmup:
+        s, frac = cfg.warmup_start_factor, step / steps.warmup
+        if cfg.warmup == "linear":
+            return s + (1.0 - s) * frac
+        if cfg.warmup == "exponential":
+            return s ** (1.0 - frac)
+        return s  # constant
+    if cfg.decay == "cosine":
+        span = max(1, steps.total - steps.warmup)
+        t = min(1.0, (step - steps.warmup) / span)
+        return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.decay == "step":
+        return cfg.gamma ** (step // steps.step_size)
+    if cfg.decay == "multistep":
+        return cfg.gamma ** sum(step >= m for m in steps.milestones)
+    return 1.0
+
+
+def make_scheduler(
+    optimizer: Optimizer, steps: ScheduleSteps, cfg: ScheduleConfig, last_step: int = 0
+) -> LambdaLR:
+    """A LambdaLR positioned so that the next optimizer step uses lr_multiplier(last_step).
+
+    On resume the optimizer's param groups (loaded from the checkpoint) already hold `initial_lr`.
+    """
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, cfg), last_epoch=last_step - 1)

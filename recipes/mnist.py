@@ -1,0 +1,84 @@
+"""MNIST digits with a small CNN.
+
+    accelerate launch -m launcher.train recipes/mnist.py --data.root ../shared/data/mnist-mini
+
+Reached: RESULT_PLACEHOLDER
+Expected on full MNIST (60,000 training digits, `--data.root DIR` of a torchvision download): at least 99.0%
+test accuracy with these settings (the same network reaches 99.3-99.5% in the literature-standard setup).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from torchvision.datasets import MNIST
+
+from launcher.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
+from launcher.errors import UserError
+from launcher.recipe import Datasets
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    channels: int = 32
+    """Channels of the first convolution block (the second has twice as many)."""
+    hidden: int = 128
+    """Width of the fully connected layer."""
+    dropout: float = 0.25
+    """Dropout before the classifier."""
+
+
+@dataclass(kw_only=True)
+class Config(TrainConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+config = Config(
+    max_epochs=3,
+    data=DataConfig(
+        root=Path("data"),
+        batch_size=64,
+        mean=(0.1307,),
+        std=(0.3081,),
+        crop_padding=2,  # random shifts of up to 2 pixels: with 8k training digits this is worth ~0.5%
+    ),
+    optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    schedule=ScheduleConfig(warmup="linear", warmup_epochs=0.3, decay="cosine"),
+)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    c, m = cfg.model.channels, cfg.model
+    return nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c, c, 3, padding=1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),  # 14x14
+        nn.Conv2d(c, 2 * c, 3, padding=1),
+        nn.BatchNorm2d(2 * c),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),  # 7x7
+        nn.Flatten(),
+        nn.Linear(2 * c * 7 * 7, m.hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(m.dropout),
+        nn.Linear(m.hidden, 10),
+    )
+
+
+def build_datasets(cfg: Config) -> Datasets:
+    root = cfg.data.root
+    try:
+        return Datasets(
+            train=MNIST(root, train=True, download=cfg.data.download),
+            eval=MNIST(root, train=False, download=cfg.data.download),
+        )
+    except (RuntimeError, OSError) as exc:
+        raise UserError(
+            f"MNIST not found in {root / 'MNIST' / 'raw'} (torchvision layout: train-images-idx3-ubyte, ...) "
+            f"and it could not be downloaded there ({str(exc).splitlines()[0]}). Run once with network access "
+            "to download it, or pass --data.root DIR of an existing copy (e.g. ../shared/data/mnist-mini)"
+        ) from None
