@@ -33,6 +33,12 @@ class ScheduleSteps:
     steps_per_epoch: int
 
 
+def run_length(micro_batches_per_epoch: int, grad_accum_steps: int, max_epochs: int, max_steps: int | None):
+    """(optimizer steps per epoch, total optimizer steps); the last window of an epoch may be shorter."""
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / grad_accum_steps)
+    return steps_per_epoch, max_steps if max_steps is not None else steps_per_epoch * max_epochs
+
+
 def schedule_steps(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> ScheduleSteps:
     if cfg.warmup == "none":
         warmup = 0

@@ -25,13 +25,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from launcher import checkpoint as ckpt
+from launcher import preemption
 from launcher.config import OptimConfig, TrainConfig, to_dict
 from launcher.data import DeviceTransform, EvalData, Source, TrainData, TrainPlan
 from launcher.errors import UserError
 from launcher.evaluate import evaluate
 from launcher.recipe import Recipe, load_recipe, parse_config
 from launcher.run_dir import MetricsLog, default_run_name, setup_console, write_provenance
-from launcher.schedules import make_scheduler, schedule_steps
+from launcher.schedules import make_scheduler, run_length, schedule_steps
 from launcher.state_dict import load_into, read_weights, strip_prefixes
 
 log = logging.getLogger("launcher")
@@ -159,8 +160,7 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
 
     accum = cfg.grad_accum_steps
     micro_per_epoch = len(train_data)
-    steps_per_epoch = math.ceil(micro_per_epoch / accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.max_epochs
+    steps_per_epoch, total_steps = run_length(micro_per_epoch, accum, cfg.max_epochs, cfg.max_steps)
     max_epochs = math.ceil(total_steps / steps_per_epoch)
     global_batch = plan.global_batch * accum
     log.info(
@@ -254,6 +254,8 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
     lrs: list[tuple[int, float]] = []  # (step, lr) of every step since the last log; written at the log step
     logged_step, logged_samples, logged_time = state.step, state.samples_seen, time.perf_counter()
     saved_step = state.step
+    stopped_by_signal = False
+    preemption.install()
     model.train()
 
     while state.step < total_steps and state.epoch < max_epochs:
@@ -320,6 +322,9 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 do_save()
                 saved_step = state.step
+            if preemption.stop_agreed(accelerator):
+                stopped_by_signal = True
+                break
             if state.step >= total_steps:
                 break
         else:  # the epoch ran to its end
@@ -330,7 +335,16 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
                 do_save()
                 saved_step = state.step
         start_batch = 0
+        if stopped_by_signal:
+            break
     bar.close()
+
+    if stopped_by_signal:
+        if saved_step != state.step:
+            do_save()
+        log.info("stopped by a signal at step %d after saving; rerun the same command to resume", state.step)
+        metrics_log.close()
+        return {"preempted": True, "step": state.step, "run_dir": str(run_dir)}
 
     if eval_step != state.step:
         do_eval()
@@ -413,12 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if argv and argv[0] in ("-h", "--help") else 2
         recipe = load_recipe(argv[0])
         cfg = parse_config(recipe, argv[1:], prog=f"launcher.train {argv[0]}")
-        run(cfg, recipe)
+        result = run(cfg, recipe)
     except UserError as exc:
         if is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return preemption.EXIT_PREEMPTED if result.get("preempted") else 0
 
 
 if __name__ == "__main__":
