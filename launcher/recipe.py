@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -125,7 +126,9 @@ def parse_config(recipe: Recipe, argv: Sequence[str], prog: str) -> TrainConfig:
             raise UserError("--config needs a path to a config.json written by an earlier run")
         default = load_config_file(Path(argv[i + 1]), type(default))
         del argv[i : i + 2]
-    cfg = tyro.cli(type(default), default=default, args=argv, prog=prog)
+    # Under `accelerate launch` every rank parses; only rank 0 prints help and errors.
+    is_main = os.environ.get("RANK", "0") == "0"
+    cfg = tyro.cli(type(default), default=default, args=argv, prog=prog, console_outputs=is_main)
     return validate(cfg)
 
 

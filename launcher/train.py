@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -50,10 +50,16 @@ def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def _process_state() -> PartialState:
+    """Accelerate's process state. ACCELERATE_USE_CPU (`accelerate launch --cpu`, or with --multi_gpu for gloo DDP
+    on CPU) must be honoured here too: Accelerator reads it, but a PartialState created first would not."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def _run_dir(cfg: TrainConfig, recipe: Recipe) -> Path:
     """The run directory, named once on the main process and shared (a timestamp differs between ranks)."""
     name = [cfg.run_name or default_run_name(recipe.name + ("-test" if cfg.phase == "test" else ""))]
-    if PartialState().num_processes > 1:
+    if _process_state().num_processes > 1:
         broadcast_object_list(name)
     return cfg.output_dir / name[0]
 
@@ -92,7 +98,7 @@ def _save_best(model: torch.nn.Module, path: Path) -> None:
 def run(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     """Train (or test) one recipe configuration; returns the final evaluation metrics."""
     run_dir = _run_dir(cfg, recipe)
-    state = PartialState()
+    state = _process_state()
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     setup_console(run_dir, state.is_main_process)
@@ -212,6 +218,8 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
 
     def do_eval() -> None:
         nonlocal last_eval, eval_step, paused
+        if eval_step == state.step:
+            return
         start = time.perf_counter()
         last_eval, eval_step = evaluate(accelerator.unwrap_model(model), eval_data, accelerator), state.step
         epoch_f = state.epoch + state.samples_in_epoch / plan.num_samples
@@ -236,7 +244,10 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
         paused += time.perf_counter() - start
 
     def do_save() -> None:
-        nonlocal paused
+        nonlocal paused, saved_step
+        if saved_step == state.step and checkpointer.list():
+            return
+        saved_step = state.step
         start = time.perf_counter()
         if checkpointer.save(model, optimizer, accelerator.scaler, state, meta):
             log.info("saved checkpoint step %d (%.2fs)", state.step, time.perf_counter() - start)
@@ -321,35 +332,30 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
                 do_eval()
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 do_save()
-                saved_step = state.step
             if preemption.stop_agreed(accelerator):
                 stopped_by_signal = True
                 break
             if state.step >= total_steps:
                 break
-        else:  # the epoch ran to its end
+        if b == micro_per_epoch:  # the epoch ran to its end (perhaps exactly at the step limit)
             state.epoch, state.samples_in_epoch = epoch + 1, 0
-            if cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
+            if not stopped_by_signal and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
                 do_eval()
             if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
                 do_save()
-                saved_step = state.step
         start_batch = 0
         if stopped_by_signal:
             break
     bar.close()
 
     if stopped_by_signal:
-        if saved_step != state.step:
-            do_save()
+        do_save()
         log.info("stopped by a signal at step %d after saving; rerun the same command to resume", state.step)
         metrics_log.close()
         return {"preempted": True, "step": state.step, "run_dir": str(run_dir)}
 
-    if eval_step != state.step:
-        do_eval()
-    if saved_step != state.step or not checkpointer.list():
-        do_save()
+    do_eval()
+    do_save()
     metrics_log.write(
         "final",
         state.step,
