@@ -17,6 +17,11 @@ def evaluate(model: torch.nn.Module, data: EvalData, accelerator: Any) -> dict[s
     `model` should be the unwrapped model: the shards may differ in length by one batch, and a DDP forward
     could otherwise wait for a collective the other processes never enter.
     """
+    if accelerator.num_processes > 1:
+        # Each rank updated its own BatchNorm statistics in its last training forward (DDP broadcasts rank 0's
+        # buffers only at the start of a forward): evaluate with rank 0's, the copy that checkpoints save.
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, count

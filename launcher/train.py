@@ -196,7 +196,8 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
     checkpointer = ckpt.Checkpointer(
         run_dir, accelerator, cfg.checkpoint.keep_last, cfg.checkpoint.tolerate_save_failures
     )
-    state = _resume(cfg, checkpointer, model, optimizer, accelerator, fingerprint)
+    resumed_from = ckpt.resolve_resume(cfg.resume, checkpointer)
+    state = _resume(resumed_from, cfg, model, optimizer, accelerator, fingerprint)
     steps = schedule_steps(cfg.schedule, steps_per_epoch, total_steps)
     scheduler = make_scheduler(optimizer.optimizer, steps, cfg.schedule, last_step=state.step)
     start_batch = state.samples_in_epoch // plan.global_batch
@@ -207,6 +208,23 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
         )
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
+    metrics_log.write(
+        "setup",
+        state.step,
+        state.epoch,
+        {
+            "processes": world,
+            "per_device_batch": cfg.data.batch_size,
+            "grad_accum_steps": accum,
+            "global_batch": global_batch,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "mixed_precision": "no"
+            if cfg.mixed_precision == "fp16" and device.type == "cpu"
+            else cfg.mixed_precision,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+        },
+    )
     if accelerator.is_main_process and cfg.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
     meta = {"fingerprint": fingerprint, "config": to_dict(cfg)}
@@ -376,14 +394,13 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
 
 
 def _resume(
+    path: Path | None,
     cfg: TrainConfig,
-    checkpointer: ckpt.Checkpointer,
     model: Any,
     optimizer: Any,
     accelerator: Accelerator,
     fingerprint: dict,
 ) -> ckpt.TrainState:
-    path = ckpt.resolve_resume(cfg.resume, checkpointer)
     if path is None:
         return ckpt.TrainState()
     record = ckpt.verify(path)

@@ -1,0 +1,89 @@
+"""Shared fixtures: the real MNIST digits, and helpers that run the trainer in-process or under accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_MINI = REPO.parent / "shared" / "data" / "mnist-mini"
+TEST_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    if not (MNIST_MINI / "MNIST" / "raw").is_dir():
+        pytest.fail(f"the real-digit fixture {MNIST_MINI} is missing (it lives in ../shared beside the repo)")
+    return MNIST_MINI
+
+
+def train(*args: str | Path) -> int:
+    """Run `launcher.train` in this process (one process, CPU); returns its exit status."""
+    from launcher.train import main
+
+    return main([str(a) for a in args])
+
+
+def accelerate_launch(
+    processes: int, *args: str | Path, timeout: int = 600, check: bool = True, module: bool = True
+):
+    """Run `accelerate launch [-m launcher.train] ARGS` with `processes` gloo ranks on CPU, as a user would."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    cmd += ["-m", "launcher.train", *map(str, args)] if module else list(map(str, args))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = json.loads((run_dir / "checkpoints" / "latest").read_text())["checkpoint"]
+    return load_file(run_dir / "checkpoints" / latest / "model.safetensors")
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), (
+                f"{key} differs (max {(a[key] - b[key]).abs().max().item():.3g})"
+            )
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
