@@ -134,8 +134,10 @@ class Source:
     def index_device(self) -> torch.device:
         return self.device if self.in_memory else torch.device("cpu")
 
-    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(images, labels, indices) on the device for each batch of indices."""
+    def batches(
+        self, index_batches: Iterable[torch.Tensor], seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(images, labels, indices) on the device for each batch of indices; `seed` seeds loader workers."""
         if self.in_memory:
             for idx in index_batches:
                 yield self.images[idx], self.labels[idx], idx
@@ -145,6 +147,9 @@ class Source:
             batch_sampler=[idx.tolist() for idx in index_batches],
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
+            # Workers' seeds come from this generator, not from the global RNG: creating an iterator (at a
+            # resume, or for an evaluation) must not shift the RNG stream that dropout and friends draw from.
+            generator=torch.Generator().manual_seed(seed),
         )
         for images, labels, idx in loader:
             yield (
@@ -226,7 +231,7 @@ class TrainData:
         order = epoch_order(n, self.seed, epoch, self.shuffle).to(self.source.index_device)
         params = self.transform.epoch_params(n, epoch)
         index_batches = (self.plan.rank_slice(order, b) for b in range(start, len(self)))
-        for images, labels, idx in self.source.batches(index_batches):
+        for images, labels, idx in self.source.batches(index_batches, mix_seed(self.seed, epoch, start)):
             yield self.transform.train(images, idx, params), labels
 
 
