@@ -2,7 +2,9 @@
 
     accelerate launch -m launcher.train recipes/mnist.py --data.root ../shared/data/mnist-mini
 
-Reached: RESULT_PLACEHOLDER
+Reached (mnist-mini: 8,000 training digits, 2,000 held-out test digits; 2-core CPU, no GPU): 98.95% test
+accuracy after the default 3 epochs (375 steps of 64), 98.4-98.65% after 2; 21 s wall for the whole command on an
+otherwise idle machine (about 25 steps/s), 51 s with other jobs running.
 Expected on full MNIST (60,000 training digits, `--data.root DIR` of a torchvision download): at least 99.0%
 test accuracy with these settings (the same network reaches 99.3-99.5% in the literature-standard setup).
 """
