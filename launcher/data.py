@@ -246,3 +246,8 @@ class EvalData:
     def __iter__(self) -> Iterator[Batch]:
         for images, labels, _ in self.source.batches(self.indices.split(self.batch_size)):
             yield self.transform.normalize(images), labels
+
+    def first(self, n: int = 1) -> torch.Tensor:
+        """The first n evaluation images of this process, normalised (e.g. to count FLOPs)."""
+        images, _, _ = next(self.source.batches([self.indices[:n]]))
+        return self.transform.normalize(images)
