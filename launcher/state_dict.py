@@ -3,6 +3,10 @@
 Prefixes are stripped only at the *start* of a key, whole segments only: `module.features.module.0.weight`
 becomes `features.module.0.weight` (the seed templates' `k.split('module.')[-1]` would give `0.weight`), and
 opacus's `_module.` is not `module.`.
+
+`read_weights` is what the trainer's `--weights` calls, and it accepts everything `launcher convert-ckpt` accepts
+without converting first (wrapper dicts, prefixes, numpy and argparse extras, legacy and Python-2-era files),
+because both read files through `launcher.safe_load`.
 """
 
 from __future__ import annotations
@@ -12,15 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from launcher.errors import UserError
+from launcher.safe_load import load_checkpoint
 
 # The wrappers that DataParallel/DDP and torch.compile put around a model.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Keys under which common training scripts nest the model's state dict.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "model0", "state_dict_ema", "model_ema")
+# Keys under which common training scripts nest the model's state dict (MODEL_STATE: the PyTorch DDP tutorial).
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net",
+    "model0",
+    "state_dict_ema",
+    "model_ema",
+    "MODEL_STATE",
+)
 
 
 def strip_prefixes(state: Mapping[str, Any], prefixes: Iterable[str] = WRAPPER_PREFIXES) -> dict[str, Any]:
@@ -42,6 +54,7 @@ def strip_prefixes(state: Mapping[str, Any], prefixes: Iterable[str] = WRAPPER_P
 
 
 def add_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Prepend `prefix` to every key (`module.` for code that loads into an nn.DataParallel model)."""
     return {prefix + key: value for key, value in state.items()}
 
 
@@ -60,6 +73,7 @@ def rename_prefix(state: Mapping[str, Any], old: str, new: str) -> dict[str, Any
 
 
 def is_state_dict(obj: Any) -> bool:
+    """A non-empty mapping of string keys to tensors."""
     return (
         isinstance(obj, Mapping)
         and bool(obj)
@@ -67,51 +81,64 @@ def is_state_dict(obj: Any) -> bool:
     )
 
 
-def unwrap(obj: Any, key: str | None = None, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The model state dict inside `obj`: `obj` itself, `obj[key]`, or the one known wrapper key it holds."""
+def split_weights(
+    obj: Any, key: str | None = None, source: str = "checkpoint"
+) -> tuple[str | None, dict[str, torch.Tensor], dict[str, Any]]:
+    """(the entry holding the weights, or None for a bare state dict; the state dict; the other entries).
+
+    Without `key`, a wrapper dict is unwrapped when exactly one known state-dict key (STATE_DICT_KEYS) holds a
+    state dict, or, failing that, when exactly one entry of any name does; otherwise the error lists the
+    candidates.
+    """
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             keys = list(obj) if isinstance(obj, Mapping) else type(obj).__name__
             raise UserError(f"{source}: has no entry {key!r} (top-level entries: {keys})")
-        obj = obj[key]
-        if not is_state_dict(obj):
+        if not is_state_dict(obj[key]):
             raise UserError(f"{source}: entry {key!r} is not a state dict of tensors")
-        return dict(obj)
+        return key, dict(obj[key]), {k: v for k, v in obj.items() if k != key}
     if is_state_dict(obj):
-        return dict(obj)
+        return None, dict(obj), {}
     if not isinstance(obj, Mapping):
         raise UserError(f"{source}: holds a {type(obj).__name__}, not a state dict")
     candidates = [k for k in obj if isinstance(k, str) and is_state_dict(obj[k])]
     known = [k for k in candidates if k in STATE_DICT_KEYS]
-    if len(known) == 1:
-        return dict(obj[known[0]])
-    if len(candidates) == 1 and not known:
-        return dict(obj[candidates[0]])
+    chosen = known if known else candidates
+    if len(chosen) == 1:
+        return chosen[0], dict(obj[chosen[0]]), {k: v for k, v in obj.items() if k != chosen[0]}
     raise UserError(
         f"{source}: cannot tell which entry holds the model weights; candidates: {candidates or list(obj)}. "
-        "Name one with --key"
+        "Name one with --key (launcher convert-ckpt / inspect-ckpt)"
     )
 
 
+def unwrap(obj: Any, key: str | None = None, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model state dict inside `obj`: `obj` itself, `obj[key]`, or the one known wrapper key it holds."""
+    return split_weights(obj, key, source)[1]
+
+
 def read_weights(path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Model weights from a .safetensors file or a torch.save file (weights_only=True), prefixes stripped."""
-    path = Path(path)
+    """Model weights from a .safetensors file, a torch.save file or a launcher checkpoint folder, prefixes stripped.
+
+    torch.save files are read with weights_only=True only (see launcher.safe_load); a launcher checkpoint folder
+    (`step-00001200/`) is verified and its model.safetensors read.
+    """
+    path = weights_file(Path(path))
+    return strip_prefixes(unwrap(load_checkpoint(path).obj, key, source=str(path)))
+
+
+def weights_file(path: Path) -> Path:
+    """The file holding the weights: `path` itself, or the model.safetensors of a verified launcher checkpoint."""
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise UserError(f"{path}: a folder, but not a launcher checkpoint (it has no model.safetensors)")
+        from launcher.checkpoint import verify  # imported here: launcher.checkpoint imports this module
+
+        verify(path)
+        return path / "model.safetensors"
     if not path.is_file():
         raise UserError(f"weights file {str(path)!r} not found")
-    if path.suffix == ".safetensors":
-        try:
-            return strip_prefixes(load_file(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler raises many kinds; all mean "not a safe state dict"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{path}: cannot be read safely with torch.load(weights_only=True): {first}. "
-            "Inspect it with `launcher inspect-ckpt` and convert it with `launcher convert-ckpt`"
-        ) from None
-    return strip_prefixes(unwrap(obj, key, source=str(path)))
+    return path
 
 
 def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
