@@ -3,28 +3,41 @@
 Layout of one checkpoint, `<run>/checkpoints/step-00001200/`:
 
     model.safetensors   model weights, clean keys (no `module.` / `_orig_mod.`)
+    ema.safetensors     the exponential moving average of the weights (only with --ema.decay)
     optimizer.pt        optimizer state dict (torch.save; loads with weights_only=True)
     scaler.pt           fp16 grad-scaler state (only when a scaler is in use)
     rng-00000.pt ...    RNG states of each rank: python, numpy, torch, cuda (tensors and ints only)
     state.json          step, data position, best metric, world size, model/optimizer fingerprint, config
-    COMPLETE            written last: size and sha256 of every file above
+    COMPLETE            written last: size and CRC-32 (per 64 MiB chunk) of every file above
 
 Commit protocol: every rank writes into `checkpoints/.tmp-step-00001200/` and fsyncs its files; the ranks agree
 that all writes succeeded; rank 0 writes COMPLETE, fsyncs the directory, renames it to `step-00001200`, fsyncs
 `checkpoints/`, then replaces the `latest` pointer and only then deletes old checkpoints (never the best one).
-A crash at any point leaves either the old set of checkpoints or the old set plus the new one, and a leftover
-`.tmp-*` directory that the next save removes. Loading checks the marker, the file list and every hash.
+A crash at any point leaves either the old set of checkpoints or the old set plus the new one, and leftover
+`.tmp-*` entries that the next save removes. Loading checks the marker, the file list, every size and checksum.
+
+Checksums are CRC-32 rather than a cryptographic hash: they guard against torn writes, truncation and bit rot,
+not against an adversary (loading never unpickles arbitrary objects anyway), and they cost a third of sha256
+(benchmarks/checkpoint_io.py). Chunks are hashed in threads (zlib releases the GIL), during the save while the
+files are still in the page cache.
+
+With `async_save`, `save` copies the tensors into reused host buffers and returns; a background thread writes
+and commits. `wait()` (called by `save` itself, and by the loop before it exits) reports the outcome.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +49,29 @@ from safetensors.torch import save_file
 from launcher.errors import CheckpointError, UserError
 from launcher.state_dict import load_into, read_weights, strip_prefixes
 
+try:  # zlib-ng computes the very same CRC-32 about five times faster (vectorised); the standard zlib otherwise
+    from zlib_ng.zlib_ng import crc32 as _crc32
+
+    CRC32_IMPLEMENTATION = "zlib-ng"
+except ImportError:
+    from zlib import crc32 as _crc32
+
+    CRC32_IMPLEMENTATION = "zlib"
+
 log = logging.getLogger("launcher")
 
-FORMAT = "launcher-checkpoint/1"
+FORMAT = "launcher-checkpoint/2"
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
+TMP_PREFIX = ".tmp-"
+SUPERSEDED = "superseded"
+CHUNK_BYTES = 64 << 20  # checksum granularity: chunks hash in parallel, and a mismatch names its offset
+REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
+ALLOWED = re.compile(
+    r"^(model\.safetensors|ema\.safetensors|optimizer\.pt|scaler\.pt|state\.json|rng-\d{5}\.pt)$"
+)
+STATE_FIELDS = {"format", "state", "world_size", "fingerprint", "config"}
+FINGERPRINT_FIELDS = ("model", "optimizer", "global_batch", "train_samples")
 
 
 @dataclass
@@ -56,10 +87,13 @@ class TrainState:
     samples_seen: int = 0
     """Samples consumed since the start of training, over all processes."""
     best_value: float | None = None
+    """Best value of the key metric so far (None before the first evaluation)."""
     best_step: int | None = None
-
-
-STATE_FIELDS = {"format", "state", "world_size", "fingerprint", "config"}
+    """Step at which best_value was reached; rotation never deletes the checkpoint of this step."""
+    stale_evals: int = 0
+    """Evaluations in a row without an improvement beyond early stopping's min_delta."""
+    plateau: dict | None = None
+    """ReduceLROnPlateau's state when the schedule decays on a plateau."""
 
 
 def step_dir_name(step: int) -> str:
@@ -74,24 +108,97 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+# ---- checksums -----------------------------------------------------------------------------------------------
+_local = threading.local()
+
+
+def _hash_threads() -> int:
+    # Two threads already halve the time; more would steal cores from data loaders for little gain.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _crc_chunk(path: Path, offset: int, length: int) -> str:
+    """CRC-32 of `length` bytes at `offset`, read into a per-thread buffer (no mmap: a file that shrinks under
+    an mmap kills the process with SIGBUS, and some network file systems do not support it)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(8 << 20)
+    view, crc = memoryview(buf), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while length > 0:
+            n = f.readinto(view[: min(length, len(buf))])
+            if not n:
+                raise OSError(f"{path} ended early while reading it")
+            crc = _crc32(view[:n], crc)
+            length -= n
+    return f"{crc:08x}"
+
+
+def _submit_digest(pool: ThreadPoolExecutor, path: Path) -> tuple[int, list[Future[str]]]:
+    size = path.stat().st_size
+    chunks = range(0, size, CHUNK_BYTES)
+    return size, [pool.submit(_crc_chunk, path, off, min(CHUNK_BYTES, size - off)) for off in chunks]
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_hash_threads(), thread_name_prefix="ckpt-hash")
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # The temporary name starts with TMP_PREFIX so that a crash between write and rename leaves a leftover the
+    # next save removes.
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)
 
 
+class _KeepError:
+    """A file for torch.save that remembers the OSError of a failed write: torch replaces it with a message that
+    does not say what happened (a full disk reads "unexpected pos 576 vs 534")."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], like: Path) -> None:
+    save_file(weights, path, metadata=metadata)
+    # safetensors writes through a private temporary file (mode 0600) and renames it; give the weights the mode
+    # that the umask gave `like`, so whoever may read the run directory may read its weights. (Reading the umask
+    # itself means setting it, which is not safe while other threads create files.)
+    os.chmod(path, like.stat().st_mode & 0o777)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        sink = _KeepError(f)
+        try:
+            torch.save(obj, sink)
+        except Exception as exc:
+            if sink.error is not None:
+                raise sink.error from exc
+            raise
+
+
+# ---- state pieces --------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """This process's RNG states in a form torch.load(weights_only=True) accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -125,100 +232,315 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in strip_prefixes(model.state_dict()).items()}
 
 
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, with a private copy of every tensor that shares memory with an earlier one: safetensors
+    refuses shared tensors, and tied weights (an embedding reused as the output layer) share theirs. Loading copies
+    the same values into both names, so the tie survives."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in tensors.items():
+        value = value.contiguous()
+        span = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+        if value.numel() and span in seen:
+            value = value.clone()
+        seen.add(span)
+        out[key] = value
+    return out
+
+
+@dataclass
+class _Snapshot:
+    """What one rank writes for one checkpoint, captured at the step boundary."""
+
+    step: int
+    best_step: int | None
+    rng: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None = None  # these and below: main process only
+    ema: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    record: str | None = None  # state.json text
+    committed: bool = False  # set once the rename made it a checkpoint
+
+
 class Checkpointer:
     """Saves and finds checkpoints of one run directory. All ranks call `save`; rank 0 commits."""
 
-    def __init__(self, run_dir: Path, accelerator: Any, keep_last: int, tolerate_failures: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        accelerator: Any,
+        keep_last: int,
+        tolerate_failures: bool,
+        async_save: bool = False,
+    ) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.accelerator = accelerator
         self.keep_last = keep_last
         self.tolerate_failures = tolerate_failures
+        self.async_save = async_save
+        self._buffers: dict[str, torch.Tensor] = {}  # host copies reused by every background save
+        self._pending: tuple[threading.Thread, dict[str, Any], Path, str, _Snapshot] | None = None
+        self._group = None
+        if async_save and accelerator.num_processes > 1:
+            # The background thread agrees with the other ranks over its own gloo group: a collective on the
+            # default group from a second thread could interleave with the training loop's all-reduces.
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")
 
     # ---- saving ------------------------------------------------------------------------------------------------
     def save(
-        self, model: torch.nn.Module, optimizer: Any, scaler: Any, state: TrainState, meta: dict
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        scaler: Any,
+        state: TrainState,
+        meta: dict,
+        ema: Any = None,
     ) -> bool:
-        """Write and commit a checkpoint of `state`. Returns False if it failed and failures are tolerated."""
+        """Write and commit a checkpoint of `state` (in the background with async_save: then True means started);
+        `ema`, if given, is an object whose state_dict() holds averaged weights (launcher.ema.EMA).
+        Returns False if it failed and failures are tolerated; otherwise a failure raises CheckpointError."""
+        self.wait()
         acc = self.accelerator
         name = step_dir_name(state.step)
-        final, tmp = self.dir / name, self.dir / f".tmp-{name}"
-        # Three phases, each closed by an all-reduce of "did anything fail here": the reduction is also the
-        # barrier, so no rank runs ahead into a collective that another rank never reaches.
-        phases = (
-            lambda: self._prepare(tmp) if acc.is_main_process else None,
-            lambda: self._write(tmp, model, optimizer, scaler, state, meta),
-            lambda: self._commit(tmp, final, state) if acc.is_main_process else None,
-        )
-        for phase in phases:
-            error = None
+        final, tmp = self.dir / name, self.dir / f"{TMP_PREFIX}{name}"
+        # Each phase ends with an all-reduce of "did anything fail here": the reduction is also the barrier, so
+        # no rank runs ahead into a collective that another rank never reaches.
+        error = _attempt(lambda: self._prepare(tmp) if acc.is_main_process else None)
+        if self._any_rank_failed(error is not None):
+            return self._failed(error, tmp, name, None)
+        snap: _Snapshot | None = None
+
+        def capture() -> None:
+            nonlocal snap
+            snap = self._capture(model, optimizer, scaler, state, meta, ema)
+
+        error = _attempt(capture)
+        if self._any_rank_failed(error is not None):
+            return self._failed(error, tmp, name, None)
+        assert snap is not None
+        if not self.async_save:
+            error, failed = self._finish(tmp, final, snap, self._any_rank_failed)
+            return self._failed(error, tmp, name, snap) if failed else True
+        result: dict[str, Any] = {}
+        started = time.perf_counter()
+
+        def background() -> None:
             try:
-                phase()
-            except Exception as exc:  # disk full, permissions, I/O errors: torch, safetensors and os differ
-                error = exc
-            if self._any_rank_failed(error is not None):
-                return self._failed(error, tmp, name)
+                result["outcome"] = self._finish(tmp, final, snap, self._background_any_failed)
+            except BaseException as exc:  # a failed collective: report it at wait(), never lose it silently
+                result["outcome"] = (exc, True)
+            if not result["outcome"][1] and acc.is_main_process:
+                log.info(
+                    "checkpoint %s committed in the background (%.2fs)", name, time.perf_counter() - started
+                )
+
+        thread = threading.Thread(target=background, name="ckpt-save", daemon=True)
+        self._pending = (thread, result, tmp, name, snap)
+        thread.start()
         return True
+
+    def wait(self) -> bool:
+        """Block until a background save has committed. True if it did (or none was running); a failure raises
+        CheckpointError, or returns False when failures are tolerated. A no-op without async_save."""
+        if self._pending is None:
+            return True
+        thread, result, tmp, name, snap = self._pending
+        self._pending = None
+        thread.join()
+        error, failed = result.get("outcome", (RuntimeError("the background save thread died"), True))
+        return self._failed(error, tmp, name, snap) if failed else True
 
     def _prepare(self, tmp: Path) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         tmp.mkdir()
 
-    def _write(
-        self, tmp: Path, model: torch.nn.Module, optimizer: Any, scaler: Any, state: TrainState, meta: dict
-    ) -> None:
+    def _capture(
+        self, model: torch.nn.Module, optimizer: Any, scaler: Any, state: TrainState, meta: dict, ema: Any
+    ) -> _Snapshot:
         acc = self.accelerator
-        files = [tmp / f"rng-{acc.process_index:05d}.pt"]
-        torch.save(rng_state(), files[0])
-        if acc.is_main_process:
-            weights = strip_prefixes(acc.unwrap_model(model, keep_torch_compile=False).state_dict())
-            save_file(
-                {k: v.detach().contiguous() for k, v in weights.items()},
-                tmp / "model.safetensors",
-                metadata={"format": "pt", "step": str(state.step)},
-            )
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            files += [tmp / "model.safetensors", tmp / "optimizer.pt"]
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
-                files.append(tmp / "scaler.pt")
-            record = {"format": FORMAT, "state": asdict(state), "world_size": acc.num_processes, **meta}
-            (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n")
-            files.append(tmp / "state.json")
-        for f in files:
-            _fsync(f)
+        snap = _Snapshot(step=state.step, best_step=state.best_step, rng=rng_state())
+        if not acc.is_main_process:
+            return snap
+        weights = strip_prefixes(acc.unwrap_model(model, keep_torch_compile=False).state_dict())
+        weights = {k: v.detach() for k, v in weights.items()}
+        averaged = (
+            {k: v.detach() for k, v in strip_prefixes(ema.state_dict()).items()} if ema is not None else None
+        )
+        optimizer_state = optimizer.state_dict()
+        scaler_state = scaler.state_dict() if scaler is not None else None
+        if self.async_save:
+            # Copies, because training goes on changing the live tensors while the thread writes.
+            weights = {k: self._host_tensor("model/" + k, v) for k, v in weights.items()}
+            if averaged is not None:
+                averaged = {k: self._host_tensor("ema/" + k, v) for k, v in averaged.items()}
+            optimizer_state = self._host_tree("optimizer", optimizer_state)
+            scaler_state = copy.deepcopy(scaler_state)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # copies from the GPU into pinned memory are asynchronous
+        else:
+            weights = _unshare(weights)
+            averaged = _unshare(averaged) if averaged is not None else None
+        snap.ema = averaged
+        record = {"format": FORMAT, "state": asdict(state), "world_size": acc.num_processes, **meta}
+        snap.weights, snap.optimizer, snap.scaler = weights, optimizer_state, scaler_state
+        snap.record = json.dumps(record, indent=2) + "\n"
+        return snap
+
+    def _host_tensor(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """A copy in a host buffer kept from the previous save: allocating (and page-faulting) fresh memory each
+        time would cost as much as the copy itself. Pinned for GPU tensors, so that the copy runs at full speed."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
+            buf = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
+            self._buffers[key] = buf
+        return buf.copy_(value.detach(), non_blocking=value.is_cuda)
+
+    def _host_tree(self, key: str, obj: Any) -> Any:
+        """`obj` (a state dict: dicts, lists, tuples, tensors, plain values) with every tensor copied to the host."""
+        if isinstance(obj, torch.Tensor):
+            return self._host_tensor(key, obj)
+        if isinstance(obj, dict):
+            return {k: self._host_tree(f"{key}/{k}", v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._host_tree(f"{key}/{i}", v) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+    def _finish(
+        self, tmp: Path, final: Path, snap: _Snapshot, any_failed: Callable[[bool], bool]
+    ) -> tuple[BaseException | None, bool]:
+        """Write this rank's files, agree, commit on rank 0, agree. Returns (error or None, whether it failed)."""
+        with _hash_pool() as pool:
+            digests: dict[str, tuple[int, list[Future[str]]]] = {}
+            error = _attempt(lambda: digests.update(self._write(tmp, snap, pool)))
+            if any_failed(error is not None):
+                return error, True
+            if self.accelerator.is_main_process:
+                error = _attempt(lambda: self._commit(tmp, final, snap, digests, pool))
+            if any_failed(error is not None):
+                return error, True
+        return None, False
+
+    def _write(
+        self, tmp: Path, snap: _Snapshot, pool: ThreadPoolExecutor | None
+    ) -> dict[str, tuple[int, list[Future[str]]]]:
+        digests = {}
+
+        def put(name: str, write: Callable[[Path], Any]) -> None:
+            path = tmp / name
+            write(path)
+            # Hashing starts while the file is in the page cache, in parallel with writing the next one.
+            if pool is not None and self.accelerator.is_main_process:
+                digests[name] = _submit_digest(pool, path)
+            _fsync(path)
+
+        rng = tmp / f"rng-{self.accelerator.process_index:05d}.pt"
+        put(rng.name, lambda p: _torch_save(snap.rng, p))
+        if snap.weights is not None:
+            assert snap.record is not None
+            # The largest file first (with Adam, the optimizer state is twice the weights), so that hashing it
+            # overlaps with writing the others.
+            put("optimizer.pt", lambda p: _torch_save(snap.optimizer, p))
+            metadata = {"format": "pt", "step": str(snap.step)}
+            put("model.safetensors", lambda p: _save_weights(snap.weights, p, metadata, rng))
+            if snap.ema is not None:
+                put("ema.safetensors", lambda p: _save_weights(snap.ema, p, metadata, rng))
+            if snap.scaler is not None:
+                put("scaler.pt", lambda p: _torch_save(snap.scaler, p))
+            put("state.json", lambda p: p.write_text(snap.record))
+        return digests
 
     def _any_rank_failed(self, failed: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return failed
         flag = torch.tensor([int(failed)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "sum").item())
 
-    def _commit(self, tmp: Path, final: Path, state: TrainState) -> None:
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+    def _background_any_failed(self, failed: bool) -> bool:
+        if self._group is None:
+            return failed
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(failed)])
+        dist.all_reduce(flag, group=self._group)
+        return bool(flag.item())
+
+    def _commit(
+        self,
+        tmp: Path,
+        final: Path,
+        snap: _Snapshot,
+        digests: dict[str, tuple[int, list[Future[str]]]],
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        for path in tmp.iterdir():  # the other ranks' RNG files
+            if path.name not in digests:
+                digests[path.name] = _submit_digest(pool, path)
         manifest = {
             "format": FORMAT,
-            "step": state.step,
-            "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+            "step": snap.step,
+            "chunk_bytes": CHUNK_BYTES,
+            "files": {
+                name: {"size": size, "crc32": [f.result() for f in chunks]}
+                for name, (size, chunks) in sorted(digests.items())
+            },
         }
         with open(tmp / MARKER, "w") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
         _fsync(tmp)
-        if final.exists():  # a checkpoint of this very step exists (e.g. re-saved after a resume): replace it
-            shutil.rmtree(final)
+        self._supersede(snap.step)
         os.rename(tmp, final)
+        snap.committed = True
         _fsync(self.dir)
-        _write_json_atomic(self.dir / "latest", {"checkpoint": final.name, "step": state.step})
-        self._rotate(state.best_step)
+        _write_json_atomic(self.dir / "latest", {"checkpoint": final.name, "step": snap.step})
+        self._rotate(snap.best_step)
 
-    def _failed(self, error: Exception | None, tmp: Path, name: str) -> bool:
+    def _supersede(self, step: int) -> None:
+        """Move checkpoints of this step or later out of the way (into `superseded/`, never deleted): they belong
+        to an earlier run of this directory that went further (this one resumed from an older checkpoint or
+        started with --resume none), and `--resume auto` must not pick them over this run's own."""
+        moved = False
+        for path in self.list():
+            if _step_of(path) < step:
+                continue
+            dest = self.dir / SUPERSEDED / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 0
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(path, dest)
+            moved = True
+            log.warning(
+                "WARNING: moved %s to %s: it is from an earlier run of this directory that reached step %d, "
+                "and this run is now saving step %d",
+                path,
+                dest,
+                _step_of(path),
+                step,
+            )
+        if moved:
+            _fsync(self.dir)
+
+    def _failed(self, error: BaseException | None, tmp: Path, name: str, snap: _Snapshot | None) -> bool:
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         reason = f"{type(error).__name__}: {error}" if error else "another process failed to write its part"
-        message = (
-            f"could not save checkpoint {name} in {self.dir} ({reason}). The previous checkpoints are intact and "
-            "`latest` still points to the last good one. Free disk space or fix the directory's permissions"
-        )
+        if snap is not None and snap.committed:
+            message = (
+                f"checkpoint {name} in {self.dir} was committed and is valid, but updating `latest` or removing old "
+                f"checkpoints failed ({reason}). Free disk space or fix the directory's permissions"
+            )
+        else:
+            message = (
+                f"could not save checkpoint {name} in {self.dir} ({reason}). The previous checkpoints are intact "
+                "and `latest` still points to the last good one. Free disk space or fix the directory's permissions"
+            )
         if self.tolerate_failures:
             log.warning(
                 "WARNING: %s; training continues because --checkpoint.tolerate-save-failures is set", message
@@ -227,17 +549,25 @@ class Checkpointer:
         raise CheckpointError(message + "; then rerun the same command to resume")
 
     def _remove_leftovers(self) -> None:
-        for p in self.dir.glob(".tmp-*"):
-            log.warning("removing %s, left over from an interrupted save", p)
-            shutil.rmtree(p, ignore_errors=True)
+        for path in self.dir.glob(TMP_PREFIX + "*"):
+            log.warning("removing %s, left over from an interrupted save", path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _rotate(self, best_step: int | None) -> None:
         committed = self.list()
-        keep = {p for p in committed[-self.keep_last :]}
-        keep |= {p for p in committed if best_step is not None and _step_of(p) == best_step}
-        for p in committed:
-            if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+        keep = set(committed[-self.keep_last :])
+        keep |= {p for p in committed if _step_of(p) == best_step}
+        for path in committed:
+            if path not in keep:
+                # Renamed first, so that a crash halfway through the deletion leaves a `.tmp-` leftover (removed
+                # by the next save) rather than a half-deleted checkpoint that every resume warns about.
+                doomed = self.dir / f"{TMP_PREFIX}delete-{path.name}"
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     # ---- finding -----------------------------------------------------------------------------------------------
     def list(self) -> list[Path]:
@@ -257,82 +587,168 @@ class Checkpointer:
         return None
 
 
+def _attempt(fn: Callable[[], Any]) -> BaseException | None:
+    """Run `fn`; return what it raised. Disk full, permissions, I/O errors: torch, safetensors and os each raise
+    their own exception types, and all of them must reach the agreement between ranks, not unwind past it."""
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _step_of(path: Path) -> int:
     match = STEP_DIR.match(path.name)
     assert match is not None
     return int(match.group(1))
 
 
+# ---- verifying and loading -----------------------------------------------------------------------------------
+# Verified checkpoints of this process, by directory, with the stat signature of their files: a resume verifies
+# the same checkpoint more than once (finding it, checking compatibility, loading), and hashing it once is enough.
+# Any change to a file (size, mtime, ctime, inode) changes the signature and forces a new check.
+_verified: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+
+def _signature(path: Path) -> tuple[Any, ...]:
+    entries = []
+    for p in sorted(path.iterdir()):
+        st = p.stat()
+        entries.append((p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(entries)
+
+
 def verify(path: Path) -> dict[str, Any]:
-    """Check the marker, the file list, sizes and hashes; return the parsed state.json. Raises CheckpointError."""
+    """Check the marker, the file list, sizes and checksums; return the parsed state.json. Raises CheckpointError."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
+    try:
+        key, signature = str(path.resolve()), _signature(path)
+        cached = _verified.get(key)
+        if cached is not None and cached[0] == signature:
+            return copy.deepcopy(cached[1])
+        record = _verify(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc})") from None
+    _verified[key] = (signature, copy.deepcopy(record))
+    return record
+
+
+def _verify(path: Path) -> dict[str, Any]:
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path}: no {MARKER} marker (the save was interrupted)")
     try:
         manifest = json.loads(marker.read_text())
-        files = manifest["files"]
         if manifest["format"] != FORMAT:
             raise CheckpointError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        files, step, chunk = manifest["files"], manifest["step"], manifest["chunk_bytes"]
+        if not isinstance(files, dict) or not isinstance(chunk, int) or chunk <= 0:
+            raise TypeError("malformed 'files' or 'chunk_bytes'")
+        for name, info in files.items():
+            if not (isinstance(info["size"], int) and isinstance(info["crc32"], list)):
+                raise TypeError(f"malformed entry for {name!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable {MARKER} marker ({exc})") from None
+    match = STEP_DIR.match(path.name)
+    if match and int(match.group(1)) != step:
+        raise CheckpointError(f"{path}: its {MARKER} marker is for step {step}")
+
     present = {p.name for p in path.iterdir()} - {MARKER}
-    required = {"model.safetensors", "optimizer.pt", "state.json", "rng-00000.pt"}
-    allowed = re.compile(r"^(model\.safetensors|optimizer\.pt|scaler\.pt|state\.json|rng-\d{5}\.pt)$")
     for name in sorted(present | set(files)):
-        if not allowed.match(name):
+        if not ALLOWED.match(name):
             raise CheckpointError(f"{path}: unknown entry {name!r}")
-    if missing := sorted((required | set(files)) - present):
+    if missing := sorted((set(REQUIRED) | set(files)) - present):
         raise CheckpointError(f"{path}: missing {missing}")
     if extra := sorted(present - set(files)):
         raise CheckpointError(f"{path}: entries not listed in {MARKER}: {extra}")
-    if missing := sorted(required - set(files)):
-        raise CheckpointError(f"{path}: {MARKER} does not list {missing}")
-    for name, info in files.items():
+    for name, info in sorted(files.items()):
         size = (path / name).stat().st_size
         if size != info["size"]:
             raise CheckpointError(f"{path}: {name} is {size} bytes, expected {info['size']} (truncated?)")
-        if _sha256(path / name) != info["sha256"]:
-            raise CheckpointError(f"{path}: {name} does not match its sha256 (corrupted)")
-    record = json.loads((path / "state.json").read_text())
-    if set(record) != STATE_FIELDS:
-        unknown, absent = sorted(set(record) - STATE_FIELDS), sorted(STATE_FIELDS - set(record))
+        if len(info["crc32"]) != -(-size // chunk):
+            raise CheckpointError(f"{path}: {MARKER} lists {len(info['crc32'])} checksums for {name}")
+    with _hash_pool() as pool:
+        actual = {
+            name: [
+                pool.submit(_crc_chunk, path / name, off, min(chunk, files[name]["size"] - off))
+                for off in range(0, files[name]["size"], chunk)
+            ]
+            for name in sorted(files)
+        }
+        for name, futures in actual.items():
+            for i, (future, expected) in enumerate(zip(futures, files[name]["crc32"], strict=True)):
+                if future.result() != expected:
+                    raise CheckpointError(
+                        f"{path}: {name} does not match its checksum at bytes {i * chunk}-"
+                        f"{min((i + 1) * chunk, files[name]['size'])} (corrupted)"
+                    )
+
+    try:
+        record = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: state.json is not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or set(record) != STATE_FIELDS:
+        keys = set(record) if isinstance(record, dict) else set()
+        unknown, absent = sorted(keys - STATE_FIELDS), sorted(STATE_FIELDS - keys)
         raise CheckpointError(f"{path}: state.json has unknown entries {unknown} / lacks {absent}")
+    if record["format"] != FORMAT:
+        raise CheckpointError(f"{path}: state.json format {record['format']!r}, expected {FORMAT!r}")
     state_fields = set(TrainState.__dataclass_fields__)
-    if set(record["state"]) != state_fields:
-        unknown, absent = (
-            sorted(set(record["state"]) - state_fields),
-            sorted(state_fields - set(record["state"])),
-        )
+    saved = record["state"] if isinstance(record["state"], dict) else {}
+    if set(saved) != state_fields:
+        unknown, absent = sorted(set(saved) - state_fields), sorted(state_fields - set(saved))
         raise CheckpointError(f"{path}: state.json 'state' has unknown entries {unknown} / lacks {absent}")
+    if saved["step"] != step:
+        raise CheckpointError(f"{path}: state.json is for step {saved['step']}, its {MARKER} for step {step}")
+    world = record["world_size"]
+    if not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"{path}: state.json has world_size {world!r}")
+    rng = {f"rng-{rank:05d}.pt" for rank in range(world)}
+    present_rng = {name for name in present if name.startswith("rng-")}
+    if present_rng != rng:
+        unknown, absent = sorted(present_rng - rng), sorted(rng - present_rng)
+        raise CheckpointError(
+            f"{path}: saved by {world} processes, but RNG files {unknown} are extra / {absent} are missing"
+        )
     return record
 
 
 def check_compatible(record: dict, fingerprint: dict, path: Path) -> list[str]:
     """Differences between the checkpoint's run and this one that change what training means."""
-    saved = record["fingerprint"]
+    saved = record["fingerprint"] if isinstance(record.get("fingerprint"), dict) else {}
     problems = []
-    if saved["model"] != fingerprint["model"]:
-        old, new = saved["model"], fingerprint["model"]
+    for key in FINGERPRINT_FIELDS:
+        if key not in saved:
+            problems.append(f"the checkpoint does not record {key}")
+    old, new = saved.get("model", {}), fingerprint["model"]
+    if "model" in saved and old != new:
         diffs = [
             f"{k}: {old.get(k)} -> {new.get(k)}"
             for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)
         ]
         problems.append(f"model parameters differ ({len(diffs)}): " + "; ".join(diffs[:5]))
-    for key in ("optimizer", "global_batch", "train_samples"):
-        if saved[key] != fingerprint[key]:
+    for key in FINGERPRINT_FIELDS[1:]:
+        if key in saved and saved[key] != fingerprint[key]:
             problems.append(f"{key} {saved[key]} -> {fingerprint[key]}")
     return problems
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: Any, scaler: Any, accelerator: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scaler and this rank's RNG from a verified checkpoint; return state.json."""
+def load(
+    path: Path, model: torch.nn.Module, optimizer: Any, scaler: Any, accelerator: Any, ema: Any = None
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scaler, EMA and this rank's RNG from a verified checkpoint; return state.json."""
     record = verify(path)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     load_into(unwrapped, read_weights(path / "model.safetensors"), source=str(path / "model.safetensors"))
+    if ema is not None and (path / "ema.safetensors").is_file():
+        ema.load_state_dict(read_weights(path / "ema.safetensors"))
+    elif ema is not None:
+        log.warning(
+            "WARNING: %s has no EMA weights (saved without --ema.decay); the average starts afresh", path
+        )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scaler_file = path / "scaler.pt"
     if scaler is not None and scaler_file.is_file():
@@ -367,6 +783,16 @@ def resolve_resume(resume: str, checkpointer: Checkpointer) -> Path | None:
             raise UserError(f"--resume {resume}: that run directory holds no valid checkpoint")
         return found
     if path.is_file() and path.name == "latest":
-        path = path.parent / json.loads(path.read_text())["checkpoint"]
-    verify(path)  # an explicit checkpoint that does not verify is an error, never a silent fresh start
+        try:
+            path = path.parent / json.loads(path.read_text())["checkpoint"]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"--resume {resume}: unreadable pointer file ({exc})") from None
+    try:
+        verify(path)
+    except CheckpointError as exc:
+        # An explicit checkpoint that does not verify is an error, never a silent fresh start.
+        raise CheckpointError(
+            f"--resume {resume}: {exc}. Pass a valid checkpoint, --resume auto for the newest valid one of "
+            "this run, or --resume none to start fresh"
+        ) from None
     return path
