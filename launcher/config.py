@@ -97,6 +97,10 @@ class CheckpointConfig:
     """Keep this many newest checkpoints; older ones are deleted after a new one is committed."""
     tolerate_save_failures: bool = False
     """Keep training (with a loud warning) when a checkpoint cannot be written, instead of stopping."""
+    async_save: bool = False
+    """Copy the checkpoint into host memory and write it in a background thread: training waits only for the copy
+    (docs/benchmarks.md), at the cost of host memory for one more copy of the weights and optimizer state. A failed
+    save is reported at the next save or at the end of training."""
 
 
 @dataclass(kw_only=True)
