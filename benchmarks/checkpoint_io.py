@@ -3,8 +3,8 @@
     python benchmarks/checkpoint_io.py [--dir /tmp/ckpt-bench] [--repeats 7]
 
 The model is a 25.2M-parameter MLP (6 x Linear 2048x2048) with its AdamW state after one step: 302 MB of tensors.
-Every variant runs once as a warm-up, then `--repeats` rounds alternate between the variants, and the table shows
-medians. Files are written to `--dir` (its file system is printed) and read back from the page cache, as a resume
+Every variant runs twice as a warm-up, then `--repeats` rounds alternate between the variants (each round starting
+at a different one), and the table shows medians with the range. Files are written to `--dir` (its file system is printed) and read back from the page cache, as a resume
 right after a save, or a second resume, would. Results go into docs/benchmarks.md ("Checkpoints").
 
 Save:   launcher  = Checkpointer.save: every file fsynced, checksummed, marker, rename, `latest`, rotation
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dir", type=Path, default=Path("/tmp/ckpt-bench"), help="scratch directory (emptied)"
     )
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per variant (medians are shown)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds per variant (medians are shown)")
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--train-steps", type=int, default=3, help="training steps timed against each save")
@@ -274,15 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     # The async variants' background write must not overlap the next variant's timing.
-    for round_ in range(args.repeats + 1):
-        for name, fn in variants.items():
+    warmup = 2
+    for round_ in range(warmup + args.repeats):
+        # Each timed round starts at a different variant, so that none always runs right after the same
+        # neighbour (on a VM's disk, one variant's writeback can slow the next one's fsync).
+        order = list(variants.items())
+        shift = 0 if round_ < warmup else round_ % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             async_ckpt.wait()
             if hasattr(fn, "before"):
                 fn.before()
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
-            if round_ > 0:
+            if round_ >= warmup:
                 times[name].append(elapsed)
         print(f"# round {round_} done", file=sys.stderr, flush=True)
     async_ckpt.wait()

@@ -15,11 +15,14 @@ that all writes succeeded; rank 0 writes COMPLETE, fsyncs the directory, renames
 `checkpoints/`, then replaces the `latest` pointer and only then deletes old checkpoints (never the best one).
 A crash at any point leaves either the old set of checkpoints or the old set plus the new one, and leftover
 `.tmp-*` entries that the next save removes. Loading checks the marker, the file list, every size and checksum.
+Checkpoints of the same or a later step than the one being committed belong to an abandoned run of the same
+directory (resumed from an older checkpoint, or started with --resume none): they are moved into `superseded/`,
+never deleted, so that `--resume auto` cannot pick them.
 
 Checksums are CRC-32 rather than a cryptographic hash: they guard against torn writes, truncation and bit rot,
-not against an adversary (loading never unpickles arbitrary objects anyway), and they cost a third of sha256
-(benchmarks/checkpoint_io.py). Chunks are hashed in threads (zlib releases the GIL), during the save while the
-files are still in the page cache.
+not against an adversary (loading never unpickles arbitrary objects anyway), and they cost under a third of
+sha256 (benchmarks/checkpoint_io.py). Chunks are hashed in threads (zlib releases the GIL) while the next file is
+written, when the file is still in the page cache; fsyncs run in a thread of their own for the same reason.
 
 With `async_save`, `save` copies the tensors into reused host buffers and returns; a background thread writes
 and commits. `wait()` (called by `save` itself, and by the loop before it exits) reports the outcome.
@@ -413,9 +416,9 @@ class Checkpointer:
         self, tmp: Path, final: Path, snap: _Snapshot, any_failed: Callable[[bool], bool]
     ) -> tuple[BaseException | None, bool]:
         """Write this rank's files, agree, commit on rank 0, agree. Returns (error or None, whether it failed)."""
-        with _hash_pool() as pool:
+        with _hash_pool() as pool, ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync") as syncer:
             digests: dict[str, tuple[int, list[Future[str]]]] = {}
-            error = _attempt(lambda: digests.update(self._write(tmp, snap, pool)))
+            error = _attempt(lambda: digests.update(self._write(tmp, snap, pool, syncer)))
             if any_failed(error is not None):
                 return error, True
             if self.accelerator.is_main_process:
@@ -425,17 +428,19 @@ class Checkpointer:
         return None, False
 
     def _write(
-        self, tmp: Path, snap: _Snapshot, pool: ThreadPoolExecutor | None
+        self, tmp: Path, snap: _Snapshot, pool: ThreadPoolExecutor, syncer: ThreadPoolExecutor
     ) -> dict[str, tuple[int, list[Future[str]]]]:
         digests = {}
+        synced: list[Future[None]] = []
 
         def put(name: str, write: Callable[[Path], Any]) -> None:
             path = tmp / name
             write(path)
-            # Hashing starts while the file is in the page cache, in parallel with writing the next one.
-            if pool is not None and self.accelerator.is_main_process:
+            # Each file goes to disk (fsync) and is hashed (while still in the page cache) in other threads,
+            # while this one writes the next file.
+            synced.append(syncer.submit(_fsync, path))
+            if self.accelerator.is_main_process:
                 digests[name] = _submit_digest(pool, path)
-            _fsync(path)
 
         rng = tmp / f"rng-{self.accelerator.process_index:05d}.pt"
         put(rng.name, lambda p: _torch_save(snap.rng, p))
@@ -451,6 +456,8 @@ class Checkpointer:
             if snap.scaler is not None:
                 put("scaler.pt", lambda p: _torch_save(snap.scaler, p))
             put("state.json", lambda p: p.write_text(snap.record))
+        for future in synced:
+            future.result()  # an error that shows only at writeback (EIO, ENOSPC on some file systems) fails here
         return digests
 
     def _any_rank_failed(self, failed: bool) -> bool:

@@ -838,7 +838,10 @@ def _driver_sweep(out: Path, async_save: bool) -> None:
             events: list[list[str]] = []
 
             def hook(event: str, args: tuple) -> None:
-                if event not in WATCHED or threading.current_thread().name.startswith("ckpt-hash"):
+                # Hashing and fsync threads only read and flush: a process killed there loses nothing more.
+                if event not in WATCHED or threading.current_thread().name.startswith(
+                    ("ckpt-hash", "ckpt-sync")
+                ):
                     return
                 arity = 2 if event == "os.rename" else 1  # open's second argument is its mode
                 paths = [os.fsdecode(a) for a in args[:arity] if isinstance(a, (str, bytes, os.PathLike))]
