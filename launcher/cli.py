@@ -12,6 +12,8 @@ from launcher import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launcher.train", "train or test a recipe (the same as `python -m launcher.train`)"),
     "plot-lr": ("launcher.plot_lr", "draw the learning-rate schedule a recipe would run, to a PNG"),
+    "plot": ("launcher.plot_curves", "draw a run's train/validation curves from its metrics.jsonl, to a PNG"),
+    "sweep-summary": ("launcher.sweep", "tabulate the final and best metrics of the runs of a sweep"),
     "convert-ckpt": ("launcher.convert_ckpt", "convert a checkpoint to clean .safetensors or .pt, safely"),
     "inspect-ckpt": ("launcher.inspect_ckpt", "show what a checkpoint holds, without running it"),
 }

@@ -75,16 +75,22 @@ class ScheduleConfig:
     """Warm-up length in optimizer steps; overrides warmup_epochs when set."""
     warmup_start_factor: float = 0.1
     """lr multiplier at the first warm-up step (the constant shape holds it for the whole warm-up)."""
-    decay: Literal["constant", "cosine", "step", "multistep"] = "cosine"
-    """Decay after warm-up."""
+    decay: Literal["constant", "cosine", "step", "multistep", "plateau"] = "cosine"
+    """Decay after warm-up; plateau: multiply by gamma when the plateau metric stops improving."""
     min_lr_factor: float = 0.0
-    """Cosine: final lr as a fraction of the peak lr."""
+    """Cosine: final lr as a fraction of the peak lr. Plateau: the lowest lr, as a fraction of the peak."""
     step_size_epochs: float = 30.0
     """Step decay: multiply by gamma every this many epochs (counted from the start of training)."""
     milestones_epochs: tuple[float, ...] = (20.0, 40.0, 60.0)
     """Multi-step decay: multiply by gamma at each of these epochs (counted from the start of training)."""
     gamma: float = 0.1
-    """Step and multi-step decay factor."""
+    """Step, multi-step and plateau decay factor."""
+    plateau_metric: Literal["key_metric", "loss"] = "key_metric"
+    """Plateau: watch the key metric (in its mode) or the evaluation loss (lower is better)."""
+    plateau_patience: int = 2
+    """Plateau: evaluations without improvement before the lr is reduced."""
+    plateau_threshold: float = 1e-4
+    """Plateau: relative improvement that counts as one (torch's ReduceLROnPlateau threshold)."""
 
 
 @dataclass(kw_only=True)
@@ -111,6 +117,33 @@ class LoggingConfig:
     """Show a progress bar on the main process."""
     tensorboard: bool = True
     """Write TensorBoard event files (through Accelerate's tracker) under <run>/tensorboard."""
+
+
+@dataclass(kw_only=True)
+class PreemptionConfig:
+    check_every_steps: int = 10
+    """Several processes agree on a stop signal every this many steps (an all-reduce + host sync); one: every step."""
+    requeue: bool = True
+    """Under SLURM, requeue the job (scontrol requeue) after saving on a stop signal, so it resumes by itself."""
+    max_requeues: int = 10
+    """Requeue one SLURM job at most this many times (counted in <run>/requeues.jsonl); then only save and stop."""
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    patience: int = 0
+    """Stop when the key metric has not improved by more than min_delta for this many evaluations (0: off)."""
+    min_delta: float = 0.0
+    """Smallest change of the key metric (in its mode's direction) that counts as an improvement."""
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay, e.g. 0.999 (0: off). It is evaluated
+    beside the raw weights (eval/ema_*) and saved (ema.safetensors, and in checkpoints)."""
+    warmup_steps: int = 100
+    """Ramp the decay linearly from 0 over this many optimizer steps, so the average forgets the init quickly."""
 
 
 @dataclass(kw_only=True)
@@ -146,7 +179,7 @@ class TrainConfig:
     eval_every_steps: int = 0
     """Also evaluate every this many optimizer steps (0: off)."""
     key_metric: str = "accuracy"
-    """Evaluation metric that decides the best checkpoint (accuracy or loss)."""
+    """Evaluation metric that decides the best checkpoint: accuracy or loss (ema_accuracy, ema_loss with EMA)."""
     key_metric_mode: Literal["max", "min"] = "max"
     """Whether a larger (max) or smaller (min) key metric is better."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +187,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -151,12 +151,20 @@ class Source:
             # resume, or for an evaluation) must not shift the RNG stream that dropout and friends draw from.
             generator=torch.Generator().manual_seed(seed),
         )
-        for images, labels, idx in loader:
-            yield (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-                idx.to(self.device, non_blocking=True),
-            )
+        try:
+            for images, labels, idx in loader:
+                yield (
+                    images.to(self.device, non_blocking=True),
+                    labels.to(self.device, non_blocking=True),
+                    idx.to(self.device, non_blocking=True),
+                )
+        except UserError as exc:
+            # A worker's UserError (an unreadable image, say) arrives wrapped in the worker's traceback text;
+            # the user needs only its message.
+            text = str(exc)
+            if "Original Traceback" in text:
+                text = text.rsplit("UserError: ", 1)[-1].strip()
+            raise UserError(text) from None
 
 
 class DeviceTransform:

@@ -166,8 +166,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.phase == "test" and cfg.weights is None:
         problems.append("--phase test needs --weights PATH (a .safetensors or torch.save state dict)")
-    if cfg.key_metric not in ("accuracy", "loss"):
-        problems.append(f"--key-metric must be accuracy or loss (got {cfg.key_metric!r})")
+    metrics = ("accuracy", "loss", "ema_accuracy", "ema_loss") if cfg.ema.decay > 0 else ("accuracy", "loss")
+    if cfg.key_metric not in metrics:
+        problems.append(f"--key-metric must be one of {', '.join(metrics)} (got {cfg.key_metric!r})")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        problems.append(f"--ema.decay must be in [0, 1) (got {cfg.ema.decay})")
+    if cfg.schedule.warmup == "exponential" and cfg.schedule.warmup_start_factor <= 0:
+        problems.append("--schedule.warmup-start-factor must be positive for the exponential warm-up")
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg

@@ -8,6 +8,8 @@
     metrics.jsonl      one JSON object per logged event: {"step", "epoch", "kind", metric: value, ...}
     tensorboard/       event files (Accelerate's TensorBoard tracker)
     best.safetensors   the weights with the best key metric so far (clean keys)
+    ema.safetensors    the final moving average of the weights (with --ema.decay)
+    requeues.jsonl     every SLURM requeue decision (launcher.preemption)
     checkpoints/       resumable checkpoints (see launcher.checkpoint)
 """
 

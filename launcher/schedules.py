@@ -9,6 +9,8 @@
 - After warm-up: constant 1; cosine from 1 at step W down to `min_lr_factor` at step `total`;
   step gamma ** (step // step_size); multistep gamma ** (milestones passed). Step and multi-step count from
   the start of training (so milestones read as "epoch 20, 40, 60"), cosine from the end of warm-up.
+- plateau: the one schedule that is not a function of the step. torch's ReduceLROnPlateau decides, at each
+  evaluation, whether to multiply the lr by gamma; its state is saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from launcher.config import ScheduleConfig
 
@@ -71,16 +74,57 @@ def lr_multiplier(step: int, steps: ScheduleSteps, cfg: ScheduleConfig) -> float
         return cfg.gamma ** (step // steps.step_size)
     if cfg.decay == "multistep":
         return cfg.gamma ** sum(step >= m for m in steps.milestones)
-    return 1.0
+    return 1.0  # constant, and plateau (whose scale the scheduler multiplies in)
+
+
+class Plateau:
+    """ReduceLROnPlateau's decisions as a multiplier in [min_lr_factor, 1], on top of the warm-up.
+
+    torch's scheduler runs on a one-parameter stand-in optimizer with lr 1, so its lr *is* the multiplier; the
+    real optimizer's lr stays owned by the LambdaLR, which multiplies the two.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, mode: str) -> None:
+        self._optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        self.scheduler = ReduceLROnPlateau(
+            self._optimizer,
+            mode=mode,
+            factor=cfg.gamma,
+            patience=cfg.plateau_patience,
+            threshold=cfg.plateau_threshold,
+            min_lr=cfg.min_lr_factor,
+        )
+
+    @property
+    def scale(self) -> float:
+        return self._optimizer.param_groups[0]["lr"]
+
+    def step(self, metric: float) -> None:
+        self.scheduler.step(metric)
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._optimizer.param_groups[0]["lr"] = state["scale"]
 
 
 def make_scheduler(
-    optimizer: Optimizer, steps: ScheduleSteps, cfg: ScheduleConfig, last_step: int = 0
+    optimizer: Optimizer,
+    steps: ScheduleSteps,
+    cfg: ScheduleConfig,
+    last_step: int = 0,
+    plateau: Plateau | None = None,
 ) -> LambdaLR:
-    """A LambdaLR positioned so that the next optimizer step uses lr_multiplier(last_step).
+    """A LambdaLR positioned so that the next optimizer step uses lr_multiplier(last_step) (x the plateau scale).
 
     On resume the optimizer's param groups (loaded from the checkpoint) already hold `initial_lr`.
     """
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    return LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, cfg), last_epoch=last_step - 1)
+    if plateau is None:
+        return LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, cfg), last_epoch=last_step - 1)
+    return LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, steps, cfg) * plateau.scale, last_epoch=last_step - 1
+    )

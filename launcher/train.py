@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,20 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from safetensors.torch import save_file
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from launcher import checkpoint as ckpt
 from launcher import preemption
 from launcher.config import OptimConfig, TrainConfig, to_dict
 from launcher.data import DeviceTransform, EvalData, Source, TrainData, TrainPlan
+from launcher.ema import EMA
 from launcher.errors import UserError
-from launcher.evaluate import evaluate
+from launcher.evaluate import confusion_figure, evaluate, per_class_table
+from launcher.model_stats import forward_flops, human, parameter_count
 from launcher.recipe import Recipe, load_recipe, parse_config
 from launcher.run_dir import MetricsLog, default_run_name, setup_console, write_provenance
-from launcher.schedules import make_scheduler, run_length, schedule_steps
+from launcher.schedules import Plateau, make_scheduler, run_length, schedule_steps
 from launcher.state_dict import load_into, read_weights, strip_prefixes
 
 log = logging.getLogger("launcher")
@@ -87,8 +91,8 @@ def _seed(cfg: TrainConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def _save_best(model: torch.nn.Module, path: Path) -> None:
-    """best.safetensors, written to a temporary name and renamed, so a crash never leaves half a file."""
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Weights to <run>/NAME.safetensors via a temporary name and a rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     weights = strip_prefixes(model.state_dict())
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
@@ -129,59 +133,92 @@ def _test(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: P
     assert cfg.weights is not None
     load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    eval_data = _eval_data(cfg, recipe.build_datasets(cfg).eval, accelerator)
-    metrics = evaluate(accelerator.unwrap_model(model), eval_data, accelerator)
+    dataset = recipe.build_datasets(cfg).eval
+    eval_data = _eval_data(cfg, dataset, accelerator)
+    metrics, confusion = evaluate(accelerator.unwrap_model(model), eval_data, accelerator)
+    names = getattr(dataset, "classes", None)
     log.info(
-        "test  %s: loss %.4f  accuracy %.4f  (%d samples)",
+        "test  %s: loss %.4f  accuracy %.4f  (%d samples)\n%s",
         cfg.weights,
         metrics["loss"],
         metrics["accuracy"],
         metrics["samples"],
+        per_class_table(confusion, names),
     )
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
-    metrics_log.write("test", 0, 0.0, {"weights": str(cfg.weights), **metrics})
+    per_class = (confusion.diagonal() / confusion.sum(1).clamp(min=1)).tolist()
+    metrics_log.write(
+        "test",
+        0,
+        0.0,
+        {
+            "weights": str(cfg.weights),
+            **metrics,
+            "per_class_accuracy": per_class,
+            "confusion": confusion.tolist(),
+        },
+    )
     metrics_log.close()
+    if accelerator.is_main_process and cfg.logging.tensorboard:
+        accelerator.init_trackers("tensorboard")
+        accelerator.log({f"test/{k}": v for k, v in metrics.items() if k != "samples"}, step=0)
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_figure("test/confusion_matrix", confusion_figure(confusion, names), global_step=0)
+        writer.flush()
     return metrics
 
 
-def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
+@dataclass
+class _Setup:
+    """Everything the loop works with, built (and resumed) by `_setup`."""
+
+    model: Any  # prepared by Accelerate (DDP-wrapped under several processes)
+    optimizer: Any
+    scheduler: LambdaLR
+    plateau: Plateau | None
+    ema: EMA | None
+    plan: TrainPlan
+    train_data: TrainData
+    eval_data: EvalData
+    steps_per_epoch: int
+    total_steps: int
+    checkpointer: ckpt.Checkpointer
+    state: ckpt.TrainState
+    meta: dict  # what every checkpoint records besides the tensors: fingerprint and config
+
+
+def _setup(
+    cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
+) -> _Setup:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     _seed(cfg)
     model = recipe.build_model(cfg)
     if cfg.weights is not None:
         load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
-    set_seed(cfg.seed, device_specific=True)  # dropout & co. differ between ranks; init above did not
+    set_seed(cfg.seed, device_specific=True)  # dropout & co. differ between ranks; the init above did not
 
     datasets = recipe.build_datasets(cfg)
-    transform = DeviceTransform(cfg.data, cfg.seed, device)
     plan = TrainPlan(len(datasets.train), cfg.data.batch_size, world, rank, cfg.data.drop_last)
     if plan.batches_per_epoch == 0:
         raise UserError(
             f"the training set ({plan.num_samples} samples) is smaller than one global batch "
             f"({plan.global_batch}); lower --data.batch-size"
         )
-    train_source = Source(datasets.train, cfg.data.in_memory, device, cfg.data.num_workers)
-    train_data = TrainData(train_source, plan, transform, cfg.seed, cfg.data.shuffle)
+    source = Source(datasets.train, cfg.data.in_memory, device, cfg.data.num_workers)
+    train_data = TrainData(
+        source, plan, DeviceTransform(cfg.data, cfg.seed, device), cfg.seed, cfg.data.shuffle
+    )
     eval_data = _eval_data(cfg, datasets.eval, accelerator)
-
-    accum = cfg.grad_accum_steps
-    micro_per_epoch = len(train_data)
-    steps_per_epoch, total_steps = run_length(micro_per_epoch, accum, cfg.max_epochs, cfg.max_steps)
-    max_epochs = math.ceil(total_steps / steps_per_epoch)
-    global_batch = plan.global_batch * accum
+    steps_per_epoch, total_steps = run_length(
+        len(train_data), cfg.grad_accum_steps, cfg.max_epochs, cfg.max_steps
+    )
+    global_batch = plan.global_batch * cfg.grad_accum_steps
     log.info(
         "run %s | %d process(es) on %s | global batch %d = %d per device x %d processes x %d accumulation | "
         "%d optimizer steps per epoch, %d in total",
-        run_dir,
-        world,
-        device.type,
-        global_batch,
-        cfg.data.batch_size,
-        world,
-        accum,
-        steps_per_epoch,
-        total_steps,
-    )
+        run_dir, world, device.type, global_batch, cfg.data.batch_size, world, cfg.grad_accum_steps,
+        steps_per_epoch, total_steps,
+    )  # fmt: skip
 
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     fingerprint = {
@@ -193,104 +230,187 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    parameters, trainable = parameter_count(plain_model)
+    flops = forward_flops(plain_model, eval_data.first())
+    log.info(
+        "model: %s parameters (%s trainable), %s forward FLOPs per sample",
+        human(parameters), human(trainable), human(flops),
+    )  # fmt: skip
+    ema = EMA(plain_model, cfg.ema.decay, cfg.ema.warmup_steps) if cfg.ema.decay > 0 else None
+
     checkpointer = ckpt.Checkpointer(
-        run_dir, accelerator, cfg.checkpoint.keep_last, cfg.checkpoint.tolerate_save_failures
+        run_dir,
+        accelerator,
+        cfg.checkpoint.keep_last,
+        cfg.checkpoint.tolerate_save_failures,
+        async_save=cfg.checkpoint.async_save,
     )
     resumed_from = ckpt.resolve_resume(cfg.resume, checkpointer)
-    state = _resume(resumed_from, cfg, model, optimizer, accelerator, fingerprint)
-    steps = schedule_steps(cfg.schedule, steps_per_epoch, total_steps)
-    scheduler = make_scheduler(optimizer.optimizer, steps, cfg.schedule, last_step=state.step)
-    start_batch = state.samples_in_epoch // plan.global_batch
+    state = _resume(resumed_from, cfg, model, optimizer, accelerator, fingerprint, ema)
     if state.samples_in_epoch % plan.global_batch:
         raise UserError(
             f"the checkpoint stopped {state.samples_in_epoch} samples into an epoch, not a multiple of "
             f"this run's global micro-batch {plan.global_batch}; keep --data.batch-size x processes"
         )
-
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
-    metrics_log.write(
-        "setup",
-        state.step,
-        state.epoch,
-        {
-            "processes": world,
-            "per_device_batch": cfg.data.batch_size,
-            "grad_accum_steps": accum,
-            "global_batch": global_batch,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps,
-            "mixed_precision": "no"
-            if cfg.mixed_precision == "fp16" and device.type == "cpu"
-            else cfg.mixed_precision,
-            "resumed_from": str(resumed_from) if resumed_from else None,
-        },
+    plateau = None
+    if cfg.schedule.decay == "plateau":
+        watch_loss = cfg.schedule.plateau_metric == "loss"
+        plateau = Plateau(cfg.schedule, mode="min" if watch_loss else cfg.key_metric_mode)
+        if state.plateau is not None:
+            plateau.load_state_dict(state.plateau)
+    steps = schedule_steps(cfg.schedule, steps_per_epoch, total_steps)
+    scheduler = make_scheduler(
+        optimizer.optimizer, steps, cfg.schedule, last_step=state.step, plateau=plateau
     )
-    if accelerator.is_main_process and cfg.logging.tensorboard:
-        accelerator.init_trackers("tensorboard")
-    meta = {"fingerprint": fingerprint, "config": to_dict(cfg)}
-    best_path = run_dir / "best.safetensors"
-    sign = 1.0 if cfg.key_metric_mode == "max" else -1.0
-    last_eval: dict[str, Any] = {}
-    eval_step = -1
-    paused = 0.0  # seconds spent evaluating and saving since the last log, left out of samples/s
 
-    def do_eval() -> None:
-        nonlocal last_eval, eval_step, paused
-        if eval_step == state.step:
+    mlog.write("setup", state.step, state.epoch, {
+        "processes": world, "per_device_batch": cfg.data.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+        "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "mixed_precision": "no" if cfg.mixed_precision == "fp16" and device.type == "cpu" else cfg.mixed_precision,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "parameters": parameters, "flops_per_sample": flops,
+    })  # fmt: skip
+    meta = {"fingerprint": fingerprint, "config": to_dict(cfg)}
+    return _Setup(model, optimizer, scheduler, plateau, ema, plan, train_data, eval_data, steps_per_epoch,
+                  total_steps, checkpointer, state, meta)  # fmt: skip
+
+
+class _Evaluator:
+    """Evaluation with its bookkeeping: best weights, early stopping, the plateau schedule, logs."""
+
+    def __init__(
+        self, cfg: TrainConfig, s: _Setup, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
+    ):
+        self.cfg, self.s, self.accelerator, self.mlog = cfg, s, accelerator, mlog
+        self.best_path = run_dir / "best.safetensors"
+        self.sign = 1.0 if cfg.key_metric_mode == "max" else -1.0
+        self.last: dict[str, Any] = {}
+        self.step = -1  # step of the last evaluation
+        self.stop = False  # early stopping triggered
+
+    def __call__(self) -> None:
+        cfg, s, state, acc = self.cfg, self.s, self.s.state, self.accelerator
+        if self.step == state.step:
             return
-        start = time.perf_counter()
-        last_eval, eval_step = evaluate(accelerator.unwrap_model(model), eval_data, accelerator), state.step
-        epoch_f = state.epoch + state.samples_in_epoch / plan.num_samples
-        value = last_eval[cfg.key_metric]
-        improved = state.best_value is None or sign * value > sign * state.best_value
+        self.last, _ = evaluate(acc.unwrap_model(s.model), s.eval_data, acc)
+        if s.ema is not None:
+            ema_eval, _ = evaluate(s.ema.model, s.eval_data, acc)
+            self.last |= {f"ema_{k}": v for k, v in ema_eval.items() if k != "samples"}
+        self.step = state.step
+        epoch = state.epoch + state.samples_in_epoch / s.plan.num_samples
+        value, previous_best = self.last[cfg.key_metric], state.best_value
+        improved = previous_best is None or self.sign * value > self.sign * previous_best
         if improved:
             state.best_value, state.best_step = value, state.step
-            if accelerator.is_main_process:
-                _save_best(accelerator.unwrap_model(model, keep_torch_compile=False), best_path)
-        metrics_log.write(
-            "eval", state.step, epoch_f, {**last_eval, "best_" + cfg.key_metric: state.best_value}
-        )
-        accelerator.log({f"eval/{k}": v for k, v in last_eval.items() if k != "samples"}, step=state.step)
-        log.info(
-            "eval  step %d epoch %.2f: loss %.4f  accuracy %.4f%s",
-            state.step,
-            epoch_f,
-            last_eval["loss"],
-            last_eval["accuracy"],
-            "  (best)" if improved else "",
-        )
-        paused += time.perf_counter() - start
+            if acc.is_main_process:
+                from_ema = s.ema is not None and cfg.key_metric.startswith("ema_")
+                _save_weights(s.ema.model if from_ema else acc.unwrap_model(s.model, keep_torch_compile=False),
+                              self.best_path)  # fmt: skip
+        self.mlog.write("eval", state.step, epoch, {**self.last, "best_" + cfg.key_metric: state.best_value})
+        acc.log({f"eval/{k}": v for k, v in self.last.items() if k != "samples"}, step=state.step)
+        shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.last.items() if k != "samples")
+        log.info("eval  step %d epoch %.2f: %s%s", state.step, epoch, shown, "  (best)" if improved else "")
+        if cfg.early_stopping.patience:
+            gain = math.inf if previous_best is None else self.sign * (value - previous_best)
+            state.stale_evals = 0 if gain > cfg.early_stopping.min_delta else state.stale_evals + 1
+            if state.stale_evals >= cfg.early_stopping.patience:
+                self.stop = True
+                log.info(
+                    "early stopping at step %d: %s has not improved by more than %g for %d evaluations "
+                    "(best %.4f at step %s)",
+                    state.step, cfg.key_metric, cfg.early_stopping.min_delta, state.stale_evals,
+                    state.best_value, state.best_step,
+                )  # fmt: skip
+                self.mlog.write("early_stop", state.step, epoch, {"stale_evals": state.stale_evals})
+        if s.plateau is not None:
+            before = s.plateau.scale
+            s.plateau.step(self.last["loss"] if cfg.schedule.plateau_metric == "loss" else value)
+            state.plateau = s.plateau.state_dict()
+            if s.plateau.scale != before:
+                log.info(
+                    "plateau: lr multiplier %.3g -> %.3g at step %d", before, s.plateau.scale, state.step
+                )
 
-    def do_save() -> None:
-        nonlocal paused, saved_step
-        if saved_step == state.step and checkpointer.list():
-            return
-        saved_step = state.step
+
+class _TrainLog:
+    """The training metrics of one logging interval: summed on the device, read back once at its end."""
+
+    def __init__(self, cfg: TrainConfig, s: _Setup, accelerator: Accelerator, mlog: MetricsLog):
+        self.cfg, self.s, self.accelerator, self.mlog = cfg, s, accelerator, mlog
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.grad_norm: torch.Tensor | None = None
+        self.lrs: list[tuple[int, float]] = []  # (step, lr) of every step of the interval
+        self.paused = 0.0  # seconds spent evaluating and saving, left out of samples/s
+        self.bar = tqdm(
+            total=s.total_steps, initial=s.state.step, dynamic_ncols=True, desc="train",
+            disable=not (accelerator.is_main_process and cfg.logging.progress_bar),
+        )  # fmt: skip
+        self._mark()
+
+    def _mark(self) -> None:
+        self.start_step, self.start_samples, self.start_time = (
+            self.s.state.step, self.s.state.samples_seen, time.perf_counter())  # fmt: skip
+        self.paused = 0.0
+
+    def flush(self) -> None:
+        """Log the interval: the only host sync of the hot path."""
+        state, acc = self.s.state, self.accelerator
+        now = time.perf_counter()
+        samples = state.samples_seen - self.start_samples
+        loss = acc.reduce(self.loss_sum, "sum").item() / max(1, samples)
+        values = {"train/loss": loss, "train/samples_per_s": samples / (now - self.start_time - self.paused)}
+        if self.grad_norm is not None:
+            values["train/grad_norm"] = self.grad_norm.item()
+        epoch = state.epoch + state.samples_in_epoch / self.s.plan.num_samples
+        self.mlog.write(
+            "train", state.step, epoch, {k[6:]: v for k, v in values.items()} | {"lr": self.lrs[-1][1]}
+        )
+        for step, lr in self.lrs:
+            acc.log({"train/lr": lr}, step=step)
+        acc.log(values, step=state.step)
+        self.bar.update(state.step - self.start_step)
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{self.lrs[-1][1]:.3g}", sps=f"{values['train/samples_per_s']:.0f}"
+        )
+        self.loss_sum.zero_()
+        self.lrs.clear()
+        self._mark()
+
+    def timed(self, fn: Any) -> None:
+        """Run `fn` (an evaluation or a save) with its time left out of samples/s."""
         start = time.perf_counter()
-        if checkpointer.save(model, optimizer, accelerator.scaler, state, meta):
-            log.info("saved checkpoint step %d (%.2fs)", state.step, time.perf_counter() - start)
-        paused += time.perf_counter() - start
+        fn()
+        self.paused += time.perf_counter() - start
 
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        disable=not (accelerator.is_main_process and cfg.logging.progress_bar),
-        dynamic_ncols=True,
-        desc="train",
-    )
-    loss_sum = torch.zeros((), device=device)  # training loss summed since the last log, on the device
-    grad_norm: torch.Tensor | None = None
-    lrs: list[tuple[int, float]] = []  # (step, lr) of every step since the last log; written at the log step
-    logged_step, logged_samples, logged_time = state.step, state.samples_seen, time.perf_counter()
+
+def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
+    mlog = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
+    s = _setup(cfg, recipe, accelerator, run_dir, mlog)
+    model, optimizer, plan, state = s.model, s.optimizer, s.plan, s.state
+    if accelerator.is_main_process and cfg.logging.tensorboard:
+        accelerator.init_trackers("tensorboard")
+    evaluator = _Evaluator(cfg, s, accelerator, run_dir, mlog)
+    train_log = _TrainLog(cfg, s, accelerator, mlog)
     saved_step = state.step
-    stopped_by_signal = False
-    preemption.install()
-    model.train()
 
-    while state.step < total_steps and state.epoch < max_epochs:
-        epoch = state.epoch
-        b = start_batch
-        for images, labels in train_data.epoch(epoch, start_batch):
+    def save() -> None:
+        nonlocal saved_step
+        if saved_step == state.step and s.checkpointer.list():
+            return
+        saved_step, start = state.step, time.perf_counter()
+        if s.checkpointer.save(model, optimizer, accelerator.scaler, state, s.meta, ema=s.ema):
+            log.info("saved checkpoint step %d (%.2fs)", state.step, time.perf_counter() - start)
+
+    accum, world, micro_per_epoch = cfg.grad_accum_steps, accelerator.num_processes, len(s.train_data)
+    max_epochs = math.ceil(s.total_steps / s.steps_per_epoch)
+    start_batch = state.samples_in_epoch // plan.global_batch
+    preemption.install()
+    stopped_by_signal = False
+    model.train()
+    while state.step < s.total_steps and state.epoch < max_epochs and not evaluator.stop:
+        epoch, b = state.epoch, start_batch
+        for images, labels in s.train_data.epoch(epoch, start_batch):
             window_start = b - b % accum
             window_end = min(window_start + accum, micro_per_epoch)
             sync = b + 1 == window_end
@@ -299,98 +419,70 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
             # last window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
             window_samples = sum(plan.global_count(i) for i in range(window_start, window_end))
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, reduction="sum")
+                loss = F.cross_entropy(model(images), labels, reduction="sum")
                 accelerator.backward(loss * (world / window_samples))
-            loss_sum += loss.detach()
+            train_log.loss_sum += loss.detach()
             b += 1
             if not sync:
                 continue
             if cfg.optim.grad_clip_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+                train_log.grad_norm = accelerator.clip_grad_norm_(
+                    model.parameters(), cfg.optim.grad_clip_norm
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            lrs.append((state.step, scheduler.get_last_lr()[0]))
-            scheduler.step()
+            if s.ema is not None:
+                s.ema.update(state.step)
+            train_log.lrs.append((state.step, s.scheduler.get_last_lr()[0]))
+            s.scheduler.step()
             state.step += 1
             state.samples_in_epoch = min(b * plan.global_batch, plan.num_samples)
             state.samples_seen += window_samples
 
-            if state.step % cfg.logging.every_steps == 0 or state.step == total_steps:
-                # The only host sync of the hot path: once per logging interval.
-                now = time.perf_counter()
-                samples = state.samples_seen - logged_samples
-                train_loss = accelerator.reduce(loss_sum, "sum").item() / max(1, samples)
-                values = {
-                    "train/loss": train_loss,
-                    "train/samples_per_s": samples / (now - logged_time - paused),
-                }
-                if grad_norm is not None:
-                    values["train/grad_norm"] = grad_norm.item()
-                epoch_f = epoch + state.samples_in_epoch / plan.num_samples
-                metrics_log.write(
-                    "train",
-                    state.step,
-                    epoch_f,
-                    {k.split("/")[1]: v for k, v in values.items()} | {"lr": lrs[-1][1]},
-                )
-                for step_i, lr in lrs:
-                    accelerator.log({"train/lr": lr}, step=step_i)
-                accelerator.log(values, step=state.step)
-                bar.update(state.step - logged_step)
-                bar.set_postfix(
-                    loss=f"{train_loss:.4f}",
-                    lr=f"{lrs[-1][1]:.3g}",
-                    sps=f"{values['train/samples_per_s']:.0f}",
-                )
-                loss_sum.zero_()
-                lrs.clear()
-                logged_step, logged_samples, logged_time, paused = state.step, state.samples_seen, now, 0.0
+            if state.step % cfg.logging.every_steps == 0 or state.step == s.total_steps:
+                train_log.flush()
             if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
-                do_eval()
+                train_log.timed(evaluator)
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
-                do_save()
-            if preemption.stop_agreed(accelerator):
+                train_log.timed(save)
+            if preemption.stop_agreed(accelerator, state.step, cfg.preemption.check_every_steps):
                 stopped_by_signal = True
                 break
-            if state.step >= total_steps:
+            if state.step >= s.total_steps or evaluator.stop:
                 break
         if b == micro_per_epoch:  # the epoch ran to its end (perhaps exactly at the step limit)
             state.epoch, state.samples_in_epoch = epoch + 1, 0
             if not stopped_by_signal and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
-                do_eval()
+                train_log.timed(evaluator)
             if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
-                do_save()
+                train_log.timed(save)
         start_batch = 0
         if stopped_by_signal:
             break
-    bar.close()
+    train_log.bar.close()
 
     if stopped_by_signal:
-        do_save()
+        save()
+        s.checkpointer.wait()  # the requeued job must find this checkpoint committed
         log.info("stopped by a signal at step %d after saving; rerun the same command to resume", state.step)
-        metrics_log.close()
+        preemption.requeue_after_save(accelerator, run_dir, state.step, cfg.preemption)
+        mlog.close()
         return {"preempted": True, "step": state.step, "run_dir": str(run_dir)}
 
-    do_eval()
-    do_save()
-    metrics_log.write(
-        "final",
-        state.step,
-        state.epoch + state.samples_in_epoch / plan.num_samples,
-        {**last_eval, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step},
-    )
-    metrics_log.close()
+    evaluator()
+    save()
+    s.checkpointer.wait()
+    if s.ema is not None and accelerator.is_main_process:
+        _save_weights(s.ema.model, run_dir / "ema.safetensors")
+    epoch = state.epoch + state.samples_in_epoch / plan.num_samples
+    final = {**evaluator.last, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step}
+    mlog.write("final", state.step, epoch, final)
+    mlog.close()
     log.info(
         "done: step %d, final %s %.4f, best %.4f at step %s; run directory %s",
-        state.step,
-        cfg.key_metric,
-        last_eval[cfg.key_metric],
-        state.best_value,
-        state.best_step,
-        run_dir,
-    )
-    return {**last_eval, "best": state.best_value, "step": state.step, "run_dir": str(run_dir)}
+        state.step, cfg.key_metric, evaluator.last[cfg.key_metric], state.best_value, state.best_step, run_dir,
+    )  # fmt: skip
+    return {**evaluator.last, "best": state.best_value, "step": state.step, "run_dir": str(run_dir)}
 
 
 def _resume(
@@ -400,6 +492,7 @@ def _resume(
     optimizer: Any,
     accelerator: Accelerator,
     fingerprint: dict,
+    ema: EMA | None = None,
 ) -> ckpt.TrainState:
     if path is None:
         return ckpt.TrainState()
@@ -413,7 +506,7 @@ def _resume(
         )
     for problem in problems:
         log.warning("WARNING: resuming despite a change (--allow-resume-changes): %s", problem)
-    ckpt.load(path, model, optimizer, accelerator.scaler, accelerator)
+    ckpt.load(path, model, optimizer, accelerator.scaler, accelerator, ema=ema)
     state = ckpt.TrainState(**record["state"])
     if record["world_size"] != accelerator.num_processes:
         log.warning(

@@ -135,3 +135,21 @@ def test_evaluation_shards_cover_every_sample_once():
         data = EvalData(Source(dataset, True, CPU, 0), 100, 3, rank, DeviceTransform(DataConfig(), 0, CPU))
         seen += [i for x, _ in data for i in decode(x)]
     assert sorted(seen) == list(range(1001))
+
+
+class Unreadable(IndexImages):
+    def __getitem__(self, i: int):
+        if i == 7:
+            from launcher.errors import UserError
+
+            raise UserError("cannot read image /data/7.png (truncated)")
+        return super().__getitem__(i)
+
+
+def test_a_workers_user_error_reaches_the_user_as_its_message_alone():
+    from launcher.errors import UserError
+
+    source = Source(Unreadable(20), False, CPU, 1)
+    with pytest.raises(UserError) as exc:
+        list(source.batches([torch.arange(10)]))
+    assert str(exc.value) == "cannot read image /data/7.png (truncated)"
