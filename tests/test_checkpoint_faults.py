@@ -267,11 +267,14 @@ def test_sigkill_while_a_file_is_half_written(scratch, accelerator, launcher_log
         assert_recovers(run, accelerator, expected, 1, launcher_log)
 
 
-def test_sigkill_of_a_training_run_during_a_save_then_resume_auto(scratch):
-    """The real CLI: a training run saving every step is SIGKILLed while a checkpoint directory is being written;
-    the same command again resumes from the newest valid checkpoint, removes the leftover and finishes."""
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_of_a_training_run_during_a_save_then_resume_auto(scratch, mode):
+    """The real CLI: a training run saving every step is SIGKILLed while a checkpoint directory is being written
+    (with async_save, by the background thread while training goes on); the same command again resumes from the
+    newest valid checkpoint, removes the leftover and finishes."""
     recipe = tiny_recipe(scratch)
-    cmd = [*train_cmd(recipe, scratch, "--max-steps", "30", "--checkpoint.every-steps", "1")]
+    extra = ["--checkpoint.async-save"] if mode == "async" else []
+    cmd = [*train_cmd(recipe, scratch, "--max-steps", "30", "--checkpoint.every-steps", "1", *extra)]
     ckdir = scratch / "r" / "checkpoints"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, killed = time.time() + 120, None
@@ -518,10 +521,12 @@ def test_file_size_limit_during_a_save(tmp_path):
     ckpt.verify(run / "checkpoints" / "step-00000001")
 
 
-def test_cli_full_disk_stops_cleanly_or_continues_when_tolerated(tmp_path, small_tmpfs, capsys):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_cli_full_disk_stops_cleanly_or_continues_when_tolerated(tmp_path, small_tmpfs, capsys, mode):
     """The CLI with a checkpoint directory that has room for two and a half checkpoints: the third save fails, the
     run exits 2 with one `error:` line and no traceback, `latest` still names the second; rerun with
-    --checkpoint.tolerate-save-failures, it resumes from there, warns at each failed save and finishes."""
+    --checkpoint.tolerate-save-failures, it resumes from there, warns at each failed save and finishes. With
+    async_save the failure of step 30 surfaces at the next save (step 40), as an error all the same."""
     recipe = tiny_recipe(tmp_path)
     # The size of one checkpoint of the recipe's model, saved here the same way (state.json differs by a few
     # bytes; half a checkpoint of margin covers that).
@@ -536,6 +541,7 @@ def test_cli_full_disk_stops_cleanly_or_continues_when_tolerated(tmp_path, small
     size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "step-00000010").iterdir())
     ckdir = small_tmpfs(tmp_path / "r" / "checkpoints", int(size * 2.5))
     args = ("--max-steps", "40", "--checkpoint.every-steps", "10", "--checkpoint.keep-last", "2")
+    args += ("--checkpoint.async-save",) if mode == "async" else ()
 
     code, out, err = cli(capsys, *train_args(recipe, tmp_path, *args))
     assert code == 2, out[-3000:] + err[-3000:]
