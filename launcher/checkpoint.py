@@ -31,6 +31,7 @@ and commits. `wait()` (called by `save` itself, and by the loop before it exits)
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +65,10 @@ except ImportError:
 log = logging.getLogger("launcher")
 
 FORMAT = "launcher-checkpoint/2"
+FORMAT_V1 = "launcher-checkpoint/1"  # the same files with a sha256 each; still verified, so older runs resume
+# TrainState as format 1 saved it. A field added to TrainState is a new format, whose reader fills it in for older
+# ones: strict, and yet an upgrade never turns `--resume auto` into a fresh start.
+V1_STATE_FIELDS = {"step", "epoch", "samples_in_epoch", "samples_seen", "best_value", "best_step"}
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = ".tmp-"
@@ -648,13 +653,16 @@ def _verify(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no {MARKER} marker (the save was interrupted)")
     try:
         manifest = json.loads(marker.read_text())
-        if manifest["format"] != FORMAT:
-            raise CheckpointError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
-        files, step, chunk = manifest["files"], manifest["step"], manifest["chunk_bytes"]
-        if not isinstance(files, dict) or not isinstance(chunk, int) or chunk <= 0:
+        fmt = manifest["format"]
+        if fmt not in (FORMAT, FORMAT_V1):
+            raise CheckpointError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
+        files, step = manifest["files"], manifest["step"]
+        chunk = manifest["chunk_bytes"] if fmt == FORMAT else 0
+        if not isinstance(files, dict) or not isinstance(chunk, int) or (fmt == FORMAT and chunk <= 0):
             raise TypeError("malformed 'files' or 'chunk_bytes'")
+        digest, digest_type = ("crc32", list) if fmt == FORMAT else ("sha256", str)
         for name, info in files.items():
-            if not (isinstance(info["size"], int) and isinstance(info["crc32"], list)):
+            if not (isinstance(info["size"], int) and isinstance(info[digest], digest_type)):
                 raise TypeError(f"malformed entry for {name!r}")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable {MARKER} marker ({exc})") from None
@@ -674,8 +682,32 @@ def _verify(path: Path) -> dict[str, Any]:
         size = (path / name).stat().st_size
         if size != info["size"]:
             raise CheckpointError(f"{path}: {name} is {size} bytes, expected {info['size']} (truncated?)")
-        if len(info["crc32"]) != -(-size // chunk):
+        if fmt == FORMAT and len(info["crc32"]) != -(-size // chunk):
             raise CheckpointError(f"{path}: {MARKER} lists {len(info['crc32'])} checksums for {name}")
+    if fmt == FORMAT_V1:
+        _check_sha256(path, files)
+    else:
+        _check_crc32(path, files, chunk)
+    return _check_record(path, fmt, step, present)
+
+
+def _check_sha256(path: Path, files: dict[str, Any]) -> None:
+    with _hash_pool() as pool:
+        futures = {name: pool.submit(_sha256, path / name) for name in sorted(files)}
+        for name, future in futures.items():
+            if future.result() != files[name]["sha256"]:
+                raise CheckpointError(f"{path}: {name} does not match its sha256 (corrupted)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_crc32(path: Path, files: dict[str, Any], chunk: int) -> None:
     with _hash_pool() as pool:
         actual = {
             name: [
@@ -692,6 +724,9 @@ def _verify(path: Path) -> dict[str, Any]:
                         f"{min((i + 1) * chunk, files[name]['size'])} (corrupted)"
                     )
 
+
+def _check_record(path: Path, fmt: str, step: int, present: set[str]) -> dict[str, Any]:
+    """state.json, strictly: exactly the known entries, the marker's format and step, an RNG file per rank."""
     try:
         record = json.loads((path / "state.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -700,13 +735,15 @@ def _verify(path: Path) -> dict[str, Any]:
         keys = set(record) if isinstance(record, dict) else set()
         unknown, absent = sorted(keys - STATE_FIELDS), sorted(STATE_FIELDS - keys)
         raise CheckpointError(f"{path}: state.json has unknown entries {unknown} / lacks {absent}")
-    if record["format"] != FORMAT:
-        raise CheckpointError(f"{path}: state.json format {record['format']!r}, expected {FORMAT!r}")
-    state_fields = set(TrainState.__dataclass_fields__)
+    if record["format"] != fmt:
+        raise CheckpointError(f"{path}: state.json format {record['format']!r}, its {MARKER} {fmt!r}")
+    state_fields = V1_STATE_FIELDS if fmt == FORMAT_V1 else set(TrainState.__dataclass_fields__)
     saved = record["state"] if isinstance(record["state"], dict) else {}
     if set(saved) != state_fields:
         unknown, absent = sorted(set(saved) - state_fields), sorted(state_fields - set(saved))
         raise CheckpointError(f"{path}: state.json 'state' has unknown entries {unknown} / lacks {absent}")
+    if fmt == FORMAT_V1:  # the fields added since take their defaults: format 1 runs had neither feature
+        record["state"] = asdict(TrainState(**saved))
     if saved["step"] != step:
         raise CheckpointError(f"{path}: state.json is for step {saved['step']}, its {MARKER} for step {step}")
     world = record["world_size"]

@@ -1,19 +1,21 @@
 """Checkpoint faults: saves killed with SIGKILL at every stage, corrupted checkpoints, a full or read-only disk,
 rotation and the strict schema. Real processes, real files and a real full disk (a small tmpfs); no mocks.
 
-Run as a script, this file is also the driver that the SIGKILL tests start:
+Run as a script, this file is also the driver that the process-level tests start:
 
-    python tests/test_checkpoint_faults.py sweep|midwrite|fsize OUT [--async]
+    python tests/test_checkpoint_faults.py sweep|midwrite|fsize|ranks OUT [--async]
 
 The driver saves with the real Checkpointer and a real `accelerate.Accelerator(cpu=True)`. For `sweep` it first
 records every file-system call of one save, in order, with a Python audit hook (no hook in the production code),
 then forks one child per call and SIGKILLs the child right before it: each stage of the commit protocol is hit
 exactly, every time. For `midwrite` it SIGKILLs a child from outside while a file is half written. The test then
-examines what each dead child left behind.
+examines what each dead child left behind. `fsize` saves under RLIMIT_FSIZE; `ranks` is one of two gloo processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -691,6 +693,34 @@ def test_strict_schema_names_the_entry(tmp_path, accelerator, damage, message):
     with pytest.raises(CheckpointError) as err:
         ckpt.verify(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_checkpoint_of_format_1_still_verifies_and_loads(tmp_path, accelerator):
+    """Checkpoints written before the CRC-32 marker (format 1: the same files, one sha256 each) still resume, and
+    their corruption is still caught: a launcher upgrade must not turn `--resume auto` into a fresh start."""
+    c = checkpointer(tmp_path, accelerator)
+    model, optimizer = make_model()
+    save(c, model, optimizer, 1)
+    path = c.list()[0]
+    record = json.loads((path / "state.json").read_text())
+    v1_state = {k: record["state"][k] for k in ckpt.V1_STATE_FIELDS}  # TrainState before early stopping & co.
+    (path / "state.json").write_text(
+        json.dumps({**record, "format": "launcher-checkpoint/1", "state": v1_state})
+    )
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(path.iterdir())
+        if p.name != ckpt.MARKER
+    }
+    (path / ckpt.MARKER).write_text(
+        json.dumps({"format": "launcher-checkpoint/1", "step": 1, "files": files})
+    )
+    assert ckpt.resolve_resume("auto", c) == path
+    assert ckpt.verify(path)["state"] == dataclasses.asdict(ckpt.TrainState(step=1))
+    assert_restores(path, flat_state(model, optimizer), accelerator)
+    flip_byte(path)
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt does not match its sha256"):
+        ckpt.verify(path)
 
 
 def test_marker_for_another_step_is_an_error(tmp_path, accelerator):
