@@ -256,6 +256,16 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_weights(weights: dict[str, torch.Tensor], path: Path, like: Path) -> None:
+    """Weights to `path` (best.safetensors, ema.safetensors) as a checkpoint writes them: tied tensors unshared, the
+    mode of `like`, through a temporary file that is fsynced and renamed, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    _save_weights(_unshare({k: v.detach() for k, v in weights.items()}), tmp, {"format": "pt"}, like)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 @dataclass
 class _Snapshot:
     """What one rank writes for one checkpoint, captured at the step boundary."""

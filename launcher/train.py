@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
-from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
@@ -92,11 +91,8 @@ def _seed(cfg: TrainConfig) -> None:
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Weights to <run>/NAME.safetensors via a temporary name and a rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    weights = strip_prefixes(model.state_dict())
-    save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    """<run>/NAME.safetensors with clean keys (main process; the run directory's config.json gives the mode)."""
+    ckpt.write_weights(strip_prefixes(model.state_dict()), path, like=path.parent / "config.json")
 
 
 def run(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
@@ -348,10 +344,9 @@ class _TrainLog:
         )  # fmt: skip
         self._mark()
 
-    def _mark(self) -> None:
-        self.start_step, self.start_samples, self.start_time = (
-            self.s.state.step, self.s.state.samples_seen, time.perf_counter())  # fmt: skip
-        self.paused = 0.0
+    def _mark(self, now: float | None = None) -> None:
+        self.start_step, self.start_samples = self.s.state.step, self.s.state.samples_seen
+        self.start_time, self.paused = time.perf_counter() if now is None else now, 0.0
 
     def flush(self) -> None:
         """Log the interval: the only host sync of the hot path."""
@@ -375,7 +370,7 @@ class _TrainLog:
         )
         self.loss_sum.zero_()
         self.lrs.clear()
-        self._mark()
+        self._mark(now)  # the time spent logging counts towards the next interval
 
     def timed(self, fn: Any) -> None:
         """Run `fn` (an evaluation or a save) with its time left out of samples/s."""
@@ -400,11 +395,19 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
             return
         saved_step, start = state.step, time.perf_counter()
         if s.checkpointer.save(model, optimizer, accelerator.scaler, state, s.meta, ema=s.ema):
-            log.info("saved checkpoint step %d (%.2fs)", state.step, time.perf_counter() - start)
+            blocked = time.perf_counter() - start
+            if cfg.checkpoint.async_save:  # the checkpointer logs the commit itself
+                log.info("checkpoint step %d: writing in the background (blocked %.2fs)", state.step, blocked)
+            else:
+                log.info("saved checkpoint step %d (%.2fs)", state.step, blocked)
 
     accum, world, micro_per_epoch = cfg.grad_accum_steps, accelerator.num_processes, len(s.train_data)
     max_epochs = math.ceil(s.total_steps / s.steps_per_epoch)
     start_batch = state.samples_in_epoch // plan.global_batch
+    # Accelerate's optimizer wrapper only forwards step() and zero_grad() unless a grad scaler (fp16) is in use,
+    # and doing so costs ~100 us per step on CPU (two is_lomo_available() import lookups and an inspect.signature
+    # per call; benchmarks/loop_overhead.py): without a scaler, step the wrapped optimizer itself.
+    stepper = optimizer if accelerator.scaler is not None else optimizer.optimizer
     preemption.install()
     stopped_by_signal = False
     model.train()
@@ -429,8 +432,8 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
                 train_log.grad_norm = accelerator.clip_grad_norm_(
                     model.parameters(), cfg.optim.grad_clip_norm
                 )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.step()
+            stepper.zero_grad(set_to_none=True)
             if s.ema is not None:
                 s.ema.update(state.step)
             train_log.lrs.append((state.step, s.scheduler.get_last_lr()[0]))
