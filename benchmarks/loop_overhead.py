@@ -5,7 +5,7 @@ number of steps; fp32; one process. Step times are medians over 50-step interval
 interval: for the launcher they come from its own metrics.jsonl (samples/s, which leaves out evaluation and
 checkpoint time), for the plain loop from the same interval timing. Also checks the final weights are identical.
 
-    python benchmarks/loop_overhead.py [--steps 300] [--rounds 3]
+    python benchmarks/loop_overhead.py [--steps 400] [--rounds 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -116,25 +116,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared VM)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     data = Datasets(train=MNIST(MNIST_MINI, train=True), eval=MNIST(MNIST_MINI, train=False))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, build in (("small CNN", small_cnn), ("tiny MLP", tiny_mlp)):
-            results: dict[str, dict] = {"launcher": {}, "plain": {}}
+            results: dict[str, dict] = {"launcher": {}, "no-tb": {}, "plain": {}}
             cfg = config(Path(tmp), name.replace(" ", "-"), args.steps, args.batch, seed=0)
+            quiet = dataclasses.replace(cfg, run_name=cfg.run_name + "-no-tb",
+                                        logging=dataclasses.replace(cfg.logging, lr_every_step=False))  # fmt: skip
             pooled = alternate(args.rounds, {
                 "plain": partial(plain_run, build, data, cfg, results["plain"]),
                 "launcher": partial(launcher_run, build, data, cfg, results["launcher"]),
+                "no-tb": partial(launcher_run, build, data, quiet, results["no-tb"]),
             })  # fmt: skip
-            base, ours = median(pooled["plain"]), median(pooled["launcher"])
-            weights = results["launcher"]["weights"]
-            same = all(torch.equal(results["plain"]["weights"][k], v) for k, v in weights.items())
-            rows.append((f"step time, {name}, batch {args.batch}", f"{base * 1e3:.3f} ms", f"{ours * 1e3:.3f} ms",
-                         f"{ours / base:.3f}", "identical" if same else "DIFFERENT"))  # fmt: skip
+            base = median(pooled["plain"])
+            for variant, label in (("launcher", "defaults"), ("no-tb", "--logging.no-lr-every-step")):
+                ours = median(pooled[variant])
+                weights = results[variant]["weights"]
+                same = all(torch.equal(results["plain"]["weights"][k], v) for k, v in weights.items())
+                rows.append((f"step time, {name}, batch {args.batch}, launcher {label}", f"{base * 1e3:.3f} ms",
+                             f"{ours * 1e3:.3f} ms", f"{ours / base:.3f}", "identical" if same else "DIFFERENT"))  # fmt: skip
     print(f"machine: {machine()}\ncommand: {command()}\n")
     print(table(rows, ("metric", "plain PyTorch", "launcher", "ratio", "final weights")))
 

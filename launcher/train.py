@@ -366,7 +366,7 @@ class _TrainLog:
         if self.writer is not None:
             # Straight into the tracker's SummaryWriter: accelerator.log flushes the file on every call, which
             # would cost ~80 us for each step's lr instead of ~28.
-            for step, lr in self.lrs:
+            for step, lr in self.lrs if self.cfg.logging.lr_every_step else self.lrs[-1:]:
                 self.writer.add_scalar("train/lr", lr, step)
         acc.log(values, step=state.step)
         self.bar.update(state.step - self.start_step)
