@@ -70,7 +70,7 @@ def launcher_run(
     build: Callable[[], nn.Module], data: Datasets, cfg: TrainConfig, result: dict
 ) -> list[float]:
     recipe = Recipe("bench", Path(__file__), cfg, lambda _: build(), lambda _: data)
-    out = run(dataclasses.replace(cfg, resume="none"), recipe)
+    out = run(dataclasses.replace(cfg, run_name=f"{cfg.run_name}-{time.monotonic_ns()}"), recipe)
     run_dir = Path(out["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last_start = max(

@@ -64,7 +64,7 @@ def seed_style(steps: int, batch: int) -> list[float]:
 def launcher(steps: int, batch: int, out: Path) -> list[float]:
     recipe = load_recipe(RECIPE)
     cfg = dataclasses.replace(
-        recipe.default, output_dir=out, run_name="bench", resume="none", max_steps=steps, eval_every_epochs=0,
+        recipe.default, output_dir=out, run_name=f"bench-{time.monotonic_ns()}", max_steps=steps, eval_every_epochs=0,
         data=dataclasses.replace(recipe.default.data, root=MNIST_MINI, batch_size=batch),
         checkpoint=dataclasses.replace(recipe.default.checkpoint, every_epochs=0),
     )  # fmt: skip
