@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from launcher.config import TrainConfig
 from launcher.data import TrainPlan
 from launcher.errors import UserError
 from launcher.recipe import load_recipe, parse_config
@@ -43,27 +44,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes = int(_pop(argv, "--processes", "1"))
         recipe = load_recipe(argv[0])
         cfg = parse_config(recipe, argv[1:], prog=f"launcher plot-lr {argv[0]}")
-        n = len(recipe.build_datasets(cfg).train)
-        plan = TrainPlan(n, cfg.data.batch_size, processes, 0, cfg.data.drop_last)
-        steps_per_epoch, total = run_length(
-            plan.batches_per_epoch, cfg.grad_accum_steps, cfg.max_epochs, cfg.max_steps
-        )
-        steps = schedule_steps(cfg.schedule, steps_per_epoch, total)
-        lrs = [cfg.optim.lr * lr_multiplier(s, steps, cfg.schedule) for s in range(total)]
+        lrs, steps_per_epoch = schedule_values(cfg, len(recipe.build_datasets(cfg).train), processes)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plot(
-        lrs,
-        steps_per_epoch,
-        out,
-        title=f"{recipe.name}: warm-up {cfg.schedule.warmup}, decay {cfg.schedule.decay}",
-    )
-    print(f"wrote {out}: {total} steps, {steps_per_epoch} per epoch, lr {min(lrs):.3g} .. {max(lrs):.3g}")
+    title = f"{recipe.name}: warm-up {cfg.schedule.warmup}, decay {cfg.schedule.decay}"
+    if cfg.schedule.decay == "plateau":
+        title += " (reductions depend on evaluations: not drawn)"
+    plot(lrs, steps_per_epoch, out, title)
+    print(f"wrote {out}: {len(lrs)} steps, {steps_per_epoch} per epoch, lr {min(lrs):.3g} .. {max(lrs):.3g}")
     return 0
 
 
-def plot(lrs: list[float], steps_per_epoch: int, out: Path, title: str) -> None:
+def schedule_values(cfg: TrainConfig, train_samples: int, processes: int) -> tuple[list[float], int]:
+    """The lr of every optimizer step of the run `cfg` describes, and the optimizer steps per epoch."""
+    plan = TrainPlan(train_samples, cfg.data.batch_size, processes, 0, cfg.data.drop_last)
+    steps_per_epoch, total = run_length(
+        plan.batches_per_epoch, cfg.grad_accum_steps, cfg.max_epochs, cfg.max_steps
+    )
+    steps = schedule_steps(cfg.schedule, steps_per_epoch, total)
+    return [cfg.optim.lr * lr_multiplier(s, steps, cfg.schedule) for s in range(total)], steps_per_epoch
+
+
+def plot(lrs: list[float], steps_per_epoch: int, out: Path, title: str) -> dict[str, list[float]]:
+    """Draw to `out`; returns what was drawn (the lr line's points and the epoch boundaries), read back from the
+    figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,4 +85,11 @@ def plot(lrs: list[float], steps_per_epoch: int, out: Path, title: str) -> None:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
+    line, *boundaries = ax.get_lines()
+    drawn = {
+        "step": [float(x) for x in line.get_xdata()],
+        "lr": [float(y) for y in line.get_ydata()],
+        "epoch_boundaries": [float(b.get_xdata()[0]) for b in boundaries],
+    }
     plt.close(fig)
+    return drawn

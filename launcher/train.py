@@ -352,6 +352,8 @@ class _TrainLog:
 
     def flush(self) -> None:
         """Log the interval: the only host sync of the hot path."""
+        if not self.lrs:  # no step since the last flush
+            return
         state, acc = self.s.state, self.accelerator
         now = time.perf_counter()
         samples = state.samples_seen - self.start_samples
@@ -478,6 +480,7 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
         start_batch = 0
         if stopped_by_signal:
             break
+    train_log.flush()  # the steps since the last logging step (a signal or early stopping came in between)
     train_log.bar.close()
 
     if stopped_by_signal:

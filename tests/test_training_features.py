@@ -135,3 +135,13 @@ def test_fp16_on_gpu_uses_a_scaler_saved_in_checkpoints(tmp_path, mnist_root):
     ckpts = sorted((tmp_path / "fp16" / "checkpoints").glob("step-*"))
     scaler = torch.load(ckpts[-1] / "scaler.pt", weights_only=True)
     assert scaler["scale"] > 0 and {torch.float16} <= sys.modules["launcher_recipe_mlp"].SEEN_DTYPES
+
+
+def test_seed_and_deterministic_switch(tmp_path, mnist_root):
+    a = run_mlp(tmp_path, "a", mnist_root, "--max-steps", "5", "--seed", "3", "--deterministic")
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    b = run_mlp(tmp_path, "b", mnist_root, "--max-steps", "5", "--seed", "3")
+    assert not torch.are_deterministic_algorithms_enabled()
+    c = run_mlp(tmp_path, "c", mnist_root, "--max-steps", "5", "--seed", "4")
+    assert_same_tensors(a, b)  # same seed: same init, order and weights
+    assert not torch.equal(a["1.weight"], c["1.weight"])
