@@ -1,6 +1,6 @@
 """Checkpoint save/load time against bare safetensors and torch.save of the same tensors, in the same run.
 
-    python benchmarks/checkpoint_io.py [--dir /tmp/ckpt-bench] [--repeats 7]
+    python -m benchmarks.checkpoint_io [--dir /tmp/ckpt-bench] [--repeats 7]
 
 The model is a 25.2M-parameter MLP (6 x Linear 2048x2048) with its AdamW state after one step: 302 MB of tensors.
 Every variant runs twice as a warm-up, then `--repeats` rounds alternate between the variants (each round starting
@@ -36,7 +36,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from benchmarks.common import machine as base_machine
 from launcher import checkpoint as ckpt
+from launcher.checkpoint import fsync
 
 
 def build(width: int, depth: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -57,14 +59,6 @@ def flat_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     return out
 
 
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> None:
     """A stand-in for training between saves: forward, backward and AdamW on a batch of 256."""
     x = torch.randn(256, model[0].in_features)
@@ -75,14 +69,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int
 
 
 def machine(folder: Path) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """common.machine() plus the file system the benchmark writes to and the library versions."""
     fs = "?"
     try:
         best = ""
@@ -94,9 +81,8 @@ def machine(folder: Path) -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"{cpu}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, files on {fs}; Python {platform.python_version()}, "
-        f"torch {torch.__version__} (threads {torch.get_num_threads()}), safetensors {safetensors.__version__}, "
-        f"accelerate {accelerate.__version__}"
+        f"{base_machine()}; {mem:.0f} GiB RAM, files on {fs}; Python {platform.python_version()}, "
+        f"safetensors {safetensors.__version__}, accelerate {accelerate.__version__}"
     )
 
 

@@ -52,9 +52,5 @@ def table(rows: list[tuple], header: tuple) -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(
-        [
-            str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],
-            *sys.argv[1:],
-        ]
-    )
+    """How this benchmark was started, as `python -m benchmarks.NAME ARGS` from the repository root."""
+    return " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]])

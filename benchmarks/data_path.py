@@ -3,7 +3,7 @@
 One epoch of mnist-mini training batches (batch 128, shuffled, normalised, random crop with padding 2 as in
 recipes/mnist.py), delivered to the (CPU) device; no model. Alternating rounds, medians.
 
-    python benchmarks/data_path.py [--rounds 5]
+    python -m benchmarks.data_path [--rounds 5]
 """
 
 from __future__ import annotations

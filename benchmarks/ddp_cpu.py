@@ -5,7 +5,7 @@ recipes/mnist.py on mnist-mini through `accelerate launch` (ACCELERATE_USE_CPU=1
 the median over logging intervals (from metrics.jsonl, evaluation and checkpoints left out); the gradient
 all-reduces are counted with a DDP communication hook (tests/scripts/count_allreduce.py). Alternating rounds.
 
-    python benchmarks/ddp_cpu.py [--steps 120] [--rounds 2]
+    python -m benchmarks.ddp_cpu [--steps 120] [--rounds 2]
 """
 
 from __future__ import annotations

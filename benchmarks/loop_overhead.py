@@ -5,7 +5,7 @@ number of steps; fp32; one process. Step times are medians over 50-step interval
 interval: for the launcher they come from its own metrics.jsonl (samples/s, which leaves out evaluation and
 checkpoint time), for the plain loop from the same interval timing. Also checks the final weights are identical.
 
-    python benchmarks/loop_overhead.py [--steps 400] [--rounds 5] [--threads 1]
+    python -m benchmarks.loop_overhead [--steps 400] [--rounds 5] [--threads 1]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ optimizer with its default data path (in memory, on the device). Same model, bat
 steps; samples/s over the training steps (the launcher's from its metrics.jsonl, which leaves out evaluation and
 checkpoints; the seeds' loop does neither). Alternating rounds, medians.
 
-    python benchmarks/seed_style.py [--steps 250] [--rounds 3]
+    python -m benchmarks.seed_style [--steps 250] [--rounds 3]
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -166,7 +167,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 class _KeepError:
@@ -261,9 +262,9 @@ def write_weights(weights: dict[str, torch.Tensor], path: Path, like: Path) -> N
     mode of `like`, through a temporary file that is fsynced and renamed, so a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     _save_weights(_unshare({k: v.detach() for k, v in weights.items()}), tmp, {"format": "pt"}, like)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 @dataclass
@@ -453,7 +454,7 @@ class Checkpointer:
             write(path)
             # Each file goes to disk (fsync) and is hashed (while still in the page cache) in other threads,
             # while this one writes the next file.
-            synced.append(syncer.submit(_fsync, path))
+            synced.append(syncer.submit(fsync, path))
             if self.accelerator.is_main_process:
                 digests[name] = _submit_digest(pool, path)
 
@@ -514,11 +515,11 @@ class Checkpointer:
             f.write(json.dumps(manifest, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync(tmp)
         self._supersede(snap.step)
         os.rename(tmp, final)
         snap.committed = True
-        _fsync(self.dir)
+        fsync(self.dir)
         _write_json_atomic(self.dir / "latest", {"checkpoint": final.name, "step": snap.step})
         self._rotate(snap.best_step)
 
@@ -547,7 +548,7 @@ class Checkpointer:
                 step,
             )
         if moved:
-            _fsync(self.dir)
+            fsync(self.dir)
 
     def _failed(self, error: BaseException | None, tmp: Path, name: str, snap: _Snapshot | None) -> bool:
         if self.accelerator.is_main_process:

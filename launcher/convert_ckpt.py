@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from launcher.checkpoint import fsync
 from launcher.errors import UserError
 from launcher.recipe import load_recipe, parse_config
 from launcher.safe_load import ALIASES_KEY, Loaded, load_checkpoint, read_safetensors
@@ -344,7 +345,7 @@ def write_verified(
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
-        _fsync(out.parent)
+        fsync(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return len(stored), aliases, contiguous
@@ -353,17 +354,9 @@ def write_verified(
 def _write(tmp: Path, out: Path, save: Callable[[Path], None]) -> None:
     try:
         save(tmp)
-        _fsync(tmp)
+        fsync(tmp)
     except Exception as exc:  # OSError (permissions, disk full) or a dtype safetensors cannot store
         raise UserError(f"cannot write {out}: {exc}") from None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def default_output(src: Path, fmt: str) -> Path:

@@ -24,6 +24,12 @@ def mnist_root() -> Path:
     return MNIST_MINI
 
 
+def run_args(recipe: Path, out: Path, name: str, data_root: Path, *extra: str | Path) -> list[str | Path]:
+    """The arguments every test run shares: its recipe and data, its run directory, no progress bar."""
+    return [recipe, "--data.root", data_root, "--output-dir", out, "--run-name", name, "--logging.no-progress-bar",
+            *extra]  # fmt: skip
+
+
 def train(*args: str | Path) -> int:
     """Run `launcher.train` in this process (one process, CPU); returns its exit status."""
     from launcher.train import main

@@ -8,26 +8,23 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, TEST_RECIPES, accelerate_launch, assert_same_tensors, final_weights, metrics, train
+from conftest import (
+    REPO,
+    TEST_RECIPES,
+    accelerate_launch,
+    assert_same_tensors,
+    final_weights,
+    metrics,
+    run_args,
+    train,
+)
 
 MLP = TEST_RECIPES / "mlp.py"
 pytestmark = pytest.mark.slow
 
 
 def mlp_args(out, name, mnist_root, *extra):
-    return [
-        MLP,
-        "--data.root",
-        mnist_root,
-        "--output-dir",
-        out,
-        "--run-name",
-        name,
-        "--logging.no-progress-bar",
-        "--eval-every-epochs",
-        "0",
-        *extra,
-    ]
+    return run_args(MLP, out, name, mnist_root, "--eval-every-epochs", "0", *extra)
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, mnist_root):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import TEST_RECIPES, metrics, train
+from conftest import TEST_RECIPES, metrics, run_args, train
 from launcher.config import ScheduleConfig
 from launcher.ema import EMA
 from launcher.schedules import Plateau
@@ -16,17 +16,7 @@ MLP = TEST_RECIPES / "mlp.py"
 
 
 def run(tmp_path, mnist_root, name, *args):
-    return train(
-        MLP,
-        "--data.root",
-        mnist_root,
-        "--output-dir",
-        tmp_path,
-        "--run-name",
-        name,
-        "--logging.no-progress-bar",
-        *args,
-    )
+    return train(*run_args(MLP, tmp_path, name, mnist_root, *args))
 
 
 def test_early_stopping_triggers_after_patience_evaluations_without_improvement(tmp_path, mnist_root):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import MNIST
 
-from conftest import REPO, TEST_RECIPES, assert_same_tensors, final_weights, metrics, train
+from conftest import REPO, TEST_RECIPES, assert_same_tensors, final_weights, metrics, run_args, train
 from launcher.data import epoch_order
 from launcher.recipe import load_recipe
 
@@ -18,19 +18,7 @@ MLP = TEST_RECIPES / "mlp.py"
 
 
 def run_mlp(tmp_path, name: str, mnist_root, *args) -> dict[str, torch.Tensor]:
-    code = train(
-        MLP,
-        "--data.root",
-        mnist_root,
-        "--output-dir",
-        tmp_path,
-        "--run-name",
-        name,
-        "--logging.no-progress-bar",
-        "--eval-every-epochs",
-        "0",
-        *args,
-    )
+    code = train(*run_args(MLP, tmp_path, name, mnist_root, "--eval-every-epochs", "0", *args))
     assert code == 0
     return final_weights(tmp_path / name)
 
