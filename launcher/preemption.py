@@ -47,7 +47,9 @@ def _handler(signum: int, frame: Any) -> None:
 
 
 def install() -> None:
-    """Route the stop signals to the flag (main thread only; a no-op elsewhere)."""
+    """Route the stop signals to the flag (main thread only; a no-op elsewhere), for a run that starts afresh:
+    a signal that stopped an earlier run in this process (tests, sweeps in one process) does not stop this one."""
+    _received.clear()
     try:
         for sig in STOP_SIGNALS:
             signal.signal(sig, _handler)
