@@ -704,13 +704,14 @@ def _verify(path: Path) -> dict[str, Any]:
 
 def _check_sha256(path: Path, files: dict[str, Any]) -> None:
     with _hash_pool() as pool:
-        futures = {name: pool.submit(_sha256, path / name) for name in sorted(files)}
+        futures = {name: pool.submit(sha256_file, path / name) for name in sorted(files)}
         for name, future in futures.items():
             if future.result() != files[name]["sha256"]:
                 raise CheckpointError(f"{path}: {name} does not match its sha256 (corrupted)")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):

@@ -9,7 +9,6 @@ it into a recipe's model (--check).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from launcher.checkpoint import fsync
+from launcher.checkpoint import fsync, sha256_file
 from launcher.errors import UserError
 from launcher.recipe import load_recipe, parse_config
 from launcher.safe_load import ALIASES_KEY, Loaded, load_checkpoint, read_safetensors
@@ -411,14 +410,6 @@ def human_bytes(n: float) -> str:
     return f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run(args: argparse.Namespace, recipe_argv: list[str] | None) -> int:
     src: Path = args.input
     source_file = weights_file(src)
@@ -444,7 +435,11 @@ def run(args: argparse.Namespace, recipe_argv: list[str] | None) -> int:
     for line in loaded.notes + conv.changes:
         print(f"  {line}")
     if fmt == "safetensors":
-        meta = {**conv.metadata, "launcher.source": src.name, "launcher.source_sha256": _sha256(source_file)}
+        meta = {
+            **conv.metadata,
+            "launcher.source": src.name,
+            "launcher.source_sha256": sha256_file(source_file),
+        }
         if conv.weights_key:
             meta["launcher.weights_key"] = conv.weights_key
         if conv.metadata:

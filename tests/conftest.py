@@ -37,25 +37,19 @@ def train(*args: str | Path) -> int:
     return main([str(a) for a in args])
 
 
+def accelerate_cmd(processes: int, *args: str | Path, module: bool = True) -> list[str]:
+    """`accelerate launch [-m launcher.train] ARGS` with `processes` ranks (gloo on CPU with ACCELERATE_USE_CPU=1)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
+    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return cmd + (["-m", "launcher.train"] if module else []) + [str(a) for a in args]
+
+
 def accelerate_launch(
     processes: int, *args: str | Path, timeout: int = 600, check: bool = True, module: bool = True
 ):
-    """Run `accelerate launch [-m launcher.train] ARGS` with `processes` gloo ranks on CPU, as a user would."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-    ]
-    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd += ["-m", "launcher.train", *map(str, args)] if module else list(map(str, args))
+    """Run `accelerate launch` with `processes` gloo ranks on CPU, as a user would."""
+    cmd = accelerate_cmd(processes, *args, module=module)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

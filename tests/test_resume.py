@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TEST_RECIPES, accelerate_launch, assert_same_tensors, final_weights, metrics, train
+from conftest import (
+    REPO,
+    TEST_RECIPES,
+    accelerate_cmd,
+    accelerate_launch,
+    assert_same_tensors,
+    final_weights,
+    metrics,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 MNIST = REPO / "recipes" / "mnist.py"
@@ -146,23 +155,7 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_back(tmp_path, mnist_roo
 
     accelerate_launch(1, *args("straight", 64))
     # 2 processes killed after step 20, resumed on 1 process.
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "launcher.train",
-        *map(str, args("two-to-one", 32)),
-    ]
+    cmd = accelerate_cmd(2, *args("two-to-one", 32))
     kill_after_checkpoint(cmd, tmp_path / "two-to-one", 20, env={"ACCELERATE_USE_CPU": "1"})
     accelerate_launch(1, *args("two-to-one", 64))
     # 1 process stopped after step 20, resumed on 2 processes.

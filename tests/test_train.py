@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
 
-from conftest import REPO, metrics, train
+from conftest import REPO, metrics, run_args, train
 from launcher.recipe import load_recipe
 
 MNIST_RECIPE = REPO / "recipes" / "mnist.py"
@@ -97,17 +97,7 @@ def test_test_phase_on_given_weights(mnist_run, mnist_root, tmp_path, kind, caps
         path = tmp_path / "w.safetensors"
         save_file(weights, path)
     code = train(
-        MNIST_RECIPE,
-        "--phase",
-        "test",
-        "--weights",
-        path,
-        "--data.root",
-        mnist_root,
-        "--output-dir",
-        tmp_path / "runs",
-        "--run-name",
-        "test",
+        *run_args(MNIST_RECIPE, tmp_path / "runs", "test", mnist_root, "--phase", "test", "--weights", path)
     )
     assert code == 0
     result = metrics(tmp_path / "runs" / "test", "test")[0]
@@ -120,15 +110,7 @@ def test_test_phase_with_weights_that_do_not_fit(tmp_path, mnist_root, capsys):
     path = tmp_path / "wrong.safetensors"
     save_file({"fc.weight": torch.zeros(3, 3)}, path)
     code = train(
-        MNIST_RECIPE,
-        "--phase",
-        "test",
-        "--weights",
-        path,
-        "--data.root",
-        mnist_root,
-        "--output-dir",
-        tmp_path / "runs",
+        *run_args(MNIST_RECIPE, tmp_path / "runs", "bad", mnist_root, "--phase", "test", "--weights", path)
     )
     assert code == 2
     err = capsys.readouterr().err
