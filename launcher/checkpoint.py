@@ -34,6 +34,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -115,6 +116,69 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- fault injection (tests) ---------------------------------------------------------------------------------
+# Where a save can be told to stop (see pause_point), in the order a save reaches them.
+PAUSE_POINTS = (
+    "tmp-created",  # rank 0: the empty `.tmp-step-N/` exists
+    "background",  # async_save: first thing in the background thread; nothing of this save is written yet
+    "written",  # each rank, after each of its files is written (before its fsync); `written:FILE` for one
+    "before-marker",  # rank 0: every file written, fsynced and checksummed; no COMPLETE yet
+    "before-rename",  # rank 0: COMPLETE written and fsynced, older ones superseded; not yet renamed
+    "before-latest",  # rank 0: renamed (committed) and `checkpoints/` fsynced; `latest` not yet replaced
+    "before-rotate",  # rank 0: `latest` replaced; old checkpoints not yet deleted
+)
+
+
+def _pause_spec(spec: str | None) -> tuple[str, str | None, int | None] | None:
+    """`POINT[:FILE][@STEP]` -> (point, file, step); None when unset. A typo raises at import, so that a test
+    waiting for the marker fails at once rather than at its timeout."""
+    if not spec:
+        return None
+    rest, _, step = spec.partition("@")
+    point, _, file = rest.partition(":")
+    if point not in PAUSE_POINTS or (file and point != "written") or (step and not step.isdigit()):
+        raise ValueError(
+            f"LAUNCHER_TEST_PAUSE_AT={spec!r}: expected POINT[:FILE][@STEP], POINT one of {PAUSE_POINTS}"
+        )
+    return point, file or None, int(step) if step else None
+
+
+# Read once, at import: unset (always, outside the tests), every pause_point call returns at its first comparison.
+_PAUSE_AT = _pause_spec(os.environ.get("LAUNCHER_TEST_PAUSE_AT"))
+# The marker's name in the run directory, unless LAUNCHER_TEST_PAUSE_MARKER names another file.
+PAUSE_MARKER = "checkpoint-paused.json"
+
+
+def pause_point(point: str, step: int, checkpoints: Path, file: str | None = None) -> None:
+    """Fault injection for tests: stop this save at a named point of the commit protocol, so that a test can
+    SIGKILL the process exactly there instead of polling the file system for a moment that a fast disk (a tmpfs
+    saves in milliseconds) may never show it.
+
+    `LAUNCHER_TEST_PAUSE_AT=POINT[:FILE][@STEP]` arms it: POINT is one of PAUSE_POINTS (`tmp-created`,
+    `background`, `written`, `before-marker`, `before-rename`, `before-latest`, `before-rotate`); `written:FILE`
+    stops only after that file (`optimizer.pt`, `model.safetensors`, `rng-00000.pt`, ...); `@STEP` only in the
+    save of that step (otherwise the first save that gets there). The process that reaches the point (with
+    several ranks, each one that does) writes a JSON marker, {"point", "file", "step", "pid", "thread"}, atomically
+    to `LAUNCHER_TEST_PAUSE_MARKER` (default: `checkpoint-paused.json` in the run directory, beside
+    `checkpoints/`), and then sleeps until it is killed; with async_save that is the background thread, and the
+    training loop goes on until its next save waits for it. The variable is read once, when this module is
+    imported; unset, this function returns at its first comparison."""
+    if _PAUSE_AT is None:
+        return
+    want_point, want_file, want_step = _PAUSE_AT
+    if point != want_point or want_file not in (None, file) or want_step not in (None, step):
+        return
+    marker = Path(os.environ.get("LAUNCHER_TEST_PAUSE_MARKER") or checkpoints.parent / PAUSE_MARKER)
+    thread = threading.current_thread().name
+    info = {"point": point, "file": file, "step": step, "pid": os.getpid(), "thread": thread}
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, marker)  # whoever waits for the marker never reads half of it
+    log.warning("WARNING: LAUNCHER_TEST_PAUSE_AT: save of step %d paused at %s until killed", step, point)
+    while True:
+        time.sleep(3600)
 
 
 # ---- checksums -----------------------------------------------------------------------------------------------
@@ -327,7 +391,7 @@ class Checkpointer:
         final, tmp = self.dir / name, self.dir / f"{TMP_PREFIX}{name}"
         # Each phase ends with an all-reduce of "did anything fail here": the reduction is also the barrier, so
         # no rank runs ahead into a collective that another rank never reaches.
-        error = _attempt(lambda: self._prepare(tmp) if acc.is_main_process else None)
+        error = _attempt(lambda: self._prepare(tmp, state.step) if acc.is_main_process else None)
         if self._any_rank_failed(error is not None):
             return self._failed(error, tmp, name, None)
         snap: _Snapshot | None = None
@@ -347,6 +411,7 @@ class Checkpointer:
         started = time.perf_counter()
 
         def background() -> None:
+            pause_point("background", snap.step, self.dir)
             try:
                 result["outcome"] = self._finish(tmp, final, snap, self._background_any_failed)
             except BaseException as exc:  # a failed collective: report it at wait(), never lose it silently
@@ -372,10 +437,11 @@ class Checkpointer:
         error, failed = result.get("outcome", (RuntimeError("the background save thread died"), True))
         return self._failed(error, tmp, name, snap) if failed else True
 
-    def _prepare(self, tmp: Path) -> None:
+    def _prepare(self, tmp: Path, step: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         tmp.mkdir()
+        pause_point("tmp-created", step, self.dir)
 
     def _capture(
         self, model: torch.nn.Module, optimizer: Any, scaler: Any, state: TrainState, meta: dict, ema: Any
@@ -452,6 +518,7 @@ class Checkpointer:
         def put(name: str, write: Callable[[Path], Any]) -> None:
             path = tmp / name
             write(path)
+            pause_point("written", snap.step, self.dir, name)
             # Each file goes to disk (fsync) and is hashed (while still in the page cache) in other threads,
             # while this one writes the next file.
             synced.append(syncer.submit(fsync, path))
@@ -511,16 +578,20 @@ class Checkpointer:
                 for name, (size, chunks) in sorted(digests.items())
             },
         }
+        pause_point("before-marker", snap.step, self.dir)
         with open(tmp / MARKER, "w") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
         fsync(tmp)
         self._supersede(snap.step)
+        pause_point("before-rename", snap.step, self.dir)
         os.rename(tmp, final)
         snap.committed = True
         fsync(self.dir)
+        pause_point("before-latest", snap.step, self.dir)
         _write_json_atomic(self.dir / "latest", {"checkpoint": final.name, "step": snap.step})
+        pause_point("before-rotate", snap.step, self.dir)
         self._rotate(snap.best_step)
 
     def _supersede(self, step: int) -> None:
@@ -756,6 +827,10 @@ def _check_record(path: Path, fmt: str, step: int, present: set[str]) -> dict[st
         raise CheckpointError(f"{path}: state.json 'state' has unknown entries {unknown} / lacks {absent}")
     if fmt == FORMAT_V1:  # the fields added since take their defaults: format 1 runs had neither feature
         record["state"] = asdict(TrainState(**saved))
+    if problem := _state_problem(record["state"]):
+        raise CheckpointError(f"{path}: state.json 'state' is invalid: {problem}")
+    if not isinstance(record["config"], dict) or not isinstance(record["fingerprint"], dict):
+        raise CheckpointError(f"{path}: state.json 'config' and 'fingerprint' must be JSON objects")
     if saved["step"] != step:
         raise CheckpointError(f"{path}: state.json is for step {saved['step']}, its {MARKER} for step {step}")
     world = record["world_size"]
@@ -769,6 +844,33 @@ def _check_record(path: Path, fmt: str, step: int, present: set[str]) -> dict[st
             f"{path}: saved by {world} processes, but RNG files {unknown} are extra / {absent} are missing"
         )
     return record
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a saved TrainState (types, ranges, consistency), or None. A tampered or damaged
+    state.json must be refused here, not surface later as a traceback or as a silent fresh start."""
+    for name in ("step", "epoch", "samples_in_epoch", "samples_seen", "stale_evals"):
+        if not _is_int(state[name]) or state[name] < 0:
+            return f"{name} must be a non-negative integer, got {state[name]!r}"
+    best = state["best_value"]
+    if best is not None and not (
+        isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best)
+    ):
+        return f"best_value must be a finite number or null, got {best!r}"
+    best_step = state["best_step"]
+    if best_step is not None and not (_is_int(best_step) and 0 <= best_step <= state["step"]):
+        return f"best_step must be null or a step in [0, {state['step']}], got {best_step!r}"
+    if (best is None) != (best_step is None):
+        return "best_value and best_step must both be set or both be null"
+    if state["samples_in_epoch"] > state["samples_seen"]:
+        return f"samples_in_epoch {state['samples_in_epoch']} exceeds samples_seen {state['samples_seen']}"
+    if state["plateau"] is not None and not isinstance(state["plateau"], dict):
+        return f"plateau must be an object or null, got {state['plateau']!r}"
+    return None
 
 
 def check_compatible(record: dict, fingerprint: dict, path: Path) -> list[str]:
@@ -793,18 +895,20 @@ def check_compatible(record: dict, fingerprint: dict, path: Path) -> list[str]:
 
 
 def load(
-    path: Path, model: torch.nn.Module, optimizer: Any, scaler: Any, accelerator: Any, ema: Any = None
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scaler, EMA and this rank's RNG from a verified checkpoint; return state.json."""
-    record = verify(path)
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scaler: Any,
+    accelerator: Any,
+    record: dict[str, Any] | None = None,
+) -> None:
+    """Restore weights, optimizer, scaler and this rank's RNG from a checkpoint. `record` is what `verify` returned
+    for it; the loop verifies once, on the main process, and passes it to every rank (each rank reading and
+    hashing the same files would be wasted I/O). Without it, the checkpoint is verified here."""
+    if record is None:
+        record = verify(path)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     load_into(unwrapped, read_weights(path / "model.safetensors"), source=str(path / "model.safetensors"))
-    if ema is not None and (path / "ema.safetensors").is_file():
-        ema.load_state_dict(read_weights(path / "ema.safetensors"))
-    elif ema is not None:
-        log.warning(
-            "WARNING: %s has no EMA weights (saved without --ema.decay); the average starts afresh", path
-        )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scaler_file = path / "scaler.pt"
     if scaler is not None and scaler_file.is_file():
@@ -823,7 +927,18 @@ def load(
             accelerator.process_index,
             record["world_size"],
         )
-    return record
+
+
+def load_ema(path: Path, ema: Any) -> None:
+    """The EMA weights of a checkpoint into `ema` (built from the resumed weights), if it has them."""
+    if (path / "ema.safetensors").is_file():
+        ema.load_state_dict(read_weights(path / "ema.safetensors"))
+    else:
+        log.warning(
+            "WARNING: %s has no EMA weights (saved without --ema.decay); the average starts from the resumed "
+            "weights",
+            path,
+        )
 
 
 def resolve_resume(resume: str, checkpointer: Checkpointer) -> Path | None:

@@ -177,7 +177,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision through Accelerate (fp16 needs a GPU)."""
     compile: bool = False
-    """torch.compile the model (checkpoint keys stay clean)."""
+    """torch.compile the model, after wrapping it in DDP (checkpoint keys stay clean)."""
+    stop_on_nonfinite: bool = True
+    """Stop when the training loss becomes NaN or infinite (checked at each logging step); off: only warn."""
     eval_every_epochs: int = 1
     """Evaluate every this many epochs (0: only at the end)."""
     eval_every_steps: int = 0

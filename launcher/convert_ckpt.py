@@ -228,7 +228,11 @@ def metadata_value(value: Any) -> tuple[str | None, str]:
     elif hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
         text = str(value.item())  # a numpy scalar
     else:
-        text = json.dumps(value, default=_json_default)
+        # A crafted pickle can nest lists 10^5 deep, and json.dumps recurses once per level.
+        try:
+            text = json.dumps(value, default=_json_default)
+        except RecursionError:
+            return None, "nested too deeply to store as text"
     if len(text) > MAX_METADATA_CHARS:
         return None, f"{len(text):,} characters as text, over the {MAX_METADATA_CHARS:,} limit"
     return text, ""
@@ -372,7 +376,7 @@ def check_recipe(
     """Load `state` into the recipe's model with strict=True; None if it fits, else what does not fit."""
     recipe = load_recipe(recipe_argv[0])
     cfg = parse_config(recipe, recipe_argv[1:], prog=f"launcher convert-ckpt ... --check {recipe_argv[0]}")
-    model = recipe.build_model(cfg)
+    model = recipe.make_model(cfg)
     # With --add-prefix the output is meant for the wrapped model: check it against the model's keys under it.
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items()}

@@ -252,10 +252,15 @@ class EvalData:
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[Batch]:
-        for images, labels, _ in self.source.batches(self.indices.split(self.batch_size)):
+        # A process whose share is empty (fewer samples than processes) has no batch at all: an empty index
+        # batch would reach the DataLoader's collate function, which cannot stack nothing.
+        batches = self.indices.split(self.batch_size) if len(self.indices) else ()
+        for images, labels, _ in self.source.batches(batches):
             yield self.transform.normalize(images), labels
 
     def first(self, n: int = 1) -> torch.Tensor:
-        """The first n evaluation images of this process, normalised (e.g. to count FLOPs)."""
-        images, _, _ = next(self.source.batches([self.indices[:n]]))
+        """The first n evaluation images of the whole set (the same on every process), normalised (e.g. to count
+        FLOPs)."""
+        indices = torch.arange(min(n, self.source.num_samples)).to(self.source.index_device)
+        images, _, _ = next(self.source.batches([indices]))
         return self.transform.normalize(images)

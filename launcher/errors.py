@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used (incomplete, corrupt, or from an incompatible run)."""
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite (the run stops unless --no-stop-on-nonfinite)."""

@@ -43,8 +43,16 @@ def evaluate(
             confusion = torch.zeros(classes * classes, dtype=torch.int64, device=accelerator.device)
         confusion += torch.bincount(labels * classes + predicted, minlength=classes * classes)
     model.train(was_training)
-    loss, correct, count = accelerator.reduce(sums, "sum").tolist()
     classes = int(confusion.numel() ** 0.5)
+    if accelerator.num_processes > 1:
+        # A process with an empty share saw no logits: agree on the class count before reducing the matrices,
+        # whose sizes must match on every process.
+        agreed = torch.tensor([classes], device=accelerator.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        classes = int(agreed.item())
+        if confusion.numel() == 0:
+            confusion = torch.zeros(classes * classes, dtype=torch.int64, device=accelerator.device)
+    loss, correct, count = accelerator.reduce(sums, "sum").tolist()
     confusion = accelerator.reduce(confusion, "sum").view(classes, classes).cpu()
     return {"loss": loss / count, "accuracy": correct / count, "samples": int(count)}, confusion
 

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes = int(_pop(argv, "--processes", "1"))
         recipe = load_recipe(argv[0])
         cfg = parse_config(recipe, argv[1:], prog=f"launcher plot-lr {argv[0]}")
-        lrs, steps_per_epoch = schedule_values(cfg, len(recipe.build_datasets(cfg).train), processes)
+        lrs, steps_per_epoch = schedule_values(cfg, len(recipe.make_datasets(cfg).train), processes)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

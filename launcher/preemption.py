@@ -35,26 +35,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("launcher")
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXIT_PREEMPTED = 3
 """Exit status of a run that saved and stopped on a signal (distinct from success, 0, and user errors, 2)."""
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it), whether the run saved first or not."""
 REQUEUE_LOG = "requeues.jsonl"
 _received: list[int] = []
+_previous: dict[int, Any] = {}
 
 
 def _handler(signum: int, frame: Any) -> None:
+    # Python runs this in the main thread between two bytecodes, never inside a C-level write; still, it only
+    # records the signal and says what will happen, and the loop does the rest at the next step boundary.
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        os.write(2, b"\ninterrupted again: exiting now, without saving this step\n")
+        os._exit(EXIT_INTERRUPTED)  # the last committed checkpoint stays valid: commits are atomic
     _received.append(signum)
+    if signum == signal.SIGINT:
+        os.write(
+            2,
+            b"\ninterrupted: saving a checkpoint after this step, then stopping (Ctrl-C again to exit now)\n",
+        )
 
 
 def install() -> None:
     """Route the stop signals to the flag (main thread only; a no-op elsewhere), for a run that starts afresh:
-    a signal that stopped an earlier run in this process (tests, sweeps in one process) does not stop this one."""
+    a signal that stopped an earlier run in this process (tests, sweeps in one process) does not stop this one.
+    Ctrl-C (SIGINT) stops like SIGTERM (save, then exit); a second Ctrl-C exits at once. `uninstall` puts the
+    previous handlers back."""
     _received.clear()
     try:
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _handler)
+            _previous.setdefault(sig, signal.signal(sig, _handler))
     except ValueError:  # not the main thread (e.g. inside some test runners)
         pass
+
+
+def uninstall() -> None:
+    """The handlers from before `install` (Ctrl-C interrupts again once the training loop is over)."""
+    for sig, handler in _previous.items():
+        signal.signal(sig, handler)
+    _previous.clear()
 
 
 def requested() -> bool:
@@ -62,7 +84,7 @@ def requested() -> bool:
 
 
 def received() -> str | None:
-    """The name of the first stop signal received (SIGUSR1, SIGTERM), or None."""
+    """The name of the first stop signal received (SIGUSR1, SIGTERM, SIGINT), or None."""
     return signal.Signals(_received[0]).name if _received else None
 
 

@@ -10,12 +10,14 @@ A recipe is a Python file that defines:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +49,37 @@ class Recipe:
     build_model: Callable[[Any], nn.Module]
     build_datasets: Callable[[Any], Datasets]
 
+    def make_model(self, cfg: TrainConfig) -> nn.Module:
+        """The recipe's `build_model(cfg)`, checked: failures and a wrong result are the recipe's to fix."""
+        with _recipe_code(self.path, "build_model"):
+            model = self.build_model(cfg)
+        if not isinstance(model, nn.Module):
+            raise UserError(
+                f"recipe {_relative(self.path)}: build_model returned a {type(model).__name__}, not a "
+                "torch.nn.Module; return the model"
+            )
+        return model
+
+    def make_datasets(self, cfg: TrainConfig) -> Datasets:
+        """The recipe's `build_datasets(cfg)`, checked like `make_model`."""
+        with _recipe_code(self.path, "build_datasets"):
+            datasets = self.build_datasets(cfg)
+        where = f"recipe {_relative(self.path)}: build_datasets returned"
+        if not isinstance(datasets, Datasets):
+            raise UserError(
+                f"{where} a {type(datasets).__name__}, not a launcher.recipe.Datasets; "
+                "return Datasets(train=..., eval=...)"
+            )
+        for split in ("train", "eval"):
+            # The loader plans batches from len() and fetches by index: an iterable-only dataset cannot work.
+            kind = type(getattr(datasets, split))
+            if not (hasattr(kind, "__len__") and hasattr(kind, "__getitem__")):
+                raise UserError(
+                    f"{where} a {split} set of type {kind.__name__} without len(); return a map-style dataset "
+                    "(__len__ and __getitem__)"
+                )
+        return datasets
+
 
 def available_recipes() -> list[Path]:
     """Recipe files under ./recipes and under the repository's recipes/ folder."""
@@ -77,11 +110,11 @@ def load_recipe(path: str | Path) -> Recipe:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise UserError(
-            f"recipe {_relative(path)} raised while loading:\n{_recipe_traceback(exc, path)}"
-        ) from None
+        with _recipe_code(path, ""):
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)  # a half-run module is no module
+        raise
     return Recipe(
         name=name,
         path=path.resolve(),
@@ -92,13 +125,54 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _recipe_traceback(exc: BaseException, path: Path) -> str:
-    """The traceback from the recipe's first frame on: the importlib frames above it are noise."""
+    """The traceback from the recipe's first frame on: the importlib and launcher frames above it are noise,
+    and so are importlib's frames below it (the recipe importing a module that fails)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    target = str(path.resolve())
-    start = next((i for i, f in enumerate(frames) if str(Path(f.filename).resolve()) == target), 0)
-    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames[start:])]
+    start = next((i for i, f in enumerate(frames) if _in_file(f, path)), 0)
+    shown = [f for f in frames[start:] if not f.filename.startswith("<frozen importlib")]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(shown)]
     lines += traceback.format_exception_only(type(exc), exc)
     return "".join(lines).rstrip()
+
+
+def _in_file(frame: traceback.FrameSummary, path: Path) -> bool:
+    return Path(frame.filename).resolve() == path.resolve()
+
+
+@contextlib.contextmanager
+def _recipe_code(path: Path, what: str) -> Iterator[None]:
+    """Around the recipe's own code: `what` is the function it runs (build_model, ...), or "" for the module.
+
+    A UserError it raises is already a message for the user and passes unchanged; any other exception becomes
+    one labelled as the recipe's, with the recipe's traceback. sys.exit (SystemExit, not an Exception) is an
+    error too: a recipe that exits while loading must not look like a successful run. KeyboardInterrupt passes.
+    """
+    subject, when = (
+        (f"recipe {_relative(path)}: {what}", "") if what else (f"recipe {_relative(path)}", " while loading")
+    )
+    try:
+        yield
+    except UserError:
+        raise
+    except SyntaxError as exc:
+        if exc.filename is None or Path(exc.filename).resolve() != path.resolve():
+            raise UserError(f"{subject} raised{when}:\n{_recipe_traceback(exc, path)}") from None
+        # Raised by the compiler before any line of the recipe ran, so no frame of the traceback is the
+        # recipe's: the file, line and caret are all there is to show.
+        shown = "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+        raise UserError(f"recipe {_relative(path)} has a syntax error:\n{shown}") from None
+    except SystemExit as exc:
+        lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if _in_file(f, path)]
+        at = f" (line {lines[-1]})" if lines else ""
+        code = "" if exc.code is None else repr(exc.code)
+        if what:
+            fix = "raise an exception that says what is wrong instead"
+        else:
+            fix = "a recipe only defines config, build_model and build_datasets: put script code under "
+            fix += '`if __name__ == "__main__":`'
+        raise UserError(f"{subject} called sys.exit({code}){when}{at}; {fix}") from None
+    except Exception as exc:
+        raise UserError(f"{subject} raised{when}:\n{_recipe_traceback(exc, path)}") from None
 
 
 def _recipe_attr(module: ModuleType, name: str, path: Path) -> Any:
@@ -110,7 +184,8 @@ def _recipe_attr(module: ModuleType, name: str, path: Path) -> Any:
 def _recipe_config(module: ModuleType, path: Path) -> TrainConfig:
     cfg = _recipe_attr(module, "config", path)
     if callable(cfg) and not isinstance(cfg, TrainConfig):
-        cfg = cfg()
+        with _recipe_code(path, "config()"):
+            cfg = cfg()
     if not isinstance(cfg, TrainConfig):
         raise UserError(f"recipe {_relative(path)}: `config` must be a TrainConfig instance, got {type(cfg)}")
     return cfg
@@ -133,33 +208,112 @@ def parse_config(recipe: Recipe, argv: Sequence[str], prog: str) -> TrainConfig:
 
 
 def load_config_file(path: Path, cls: type) -> TrainConfig:
+    if path.is_dir():
+        inside = path / "config.json"
+        hint = (
+            f"pass {inside}, the one inside it" if inside.is_file() else "pass a config.json written by a run"
+        )
+        raise UserError(f"--config {path} is a directory; {hint}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))  # save_json writes ASCII; any locale
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path}: not UTF-8 text; pass a config.json written by a run") from None
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(
+            f"--config {path}: expected a JSON object (a run's config.json), got a {type(data).__name__}"
+        )
     return from_dict(cls, data, where=str(path))
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Checks tyro cannot express: ranges and combinations. Each message names the flag."""
+# The range of a single value: what the message says it must be, and the test. Every float must also be finite
+# (nan fails no comparison, so a rule alone would let it through).
+Rule = tuple[str, Callable[[Any], bool]]
+ANY: Rule = ("a finite number", lambda v: True)
+AT_LEAST_0: Rule = ("at least 0", lambda v: v >= 0)
+AT_LEAST_1: Rule = ("at least 1", lambda v: v >= 1)
+POSITIVE: Rule = ("positive", lambda v: v > 0)
+FRACTION: Rule = ("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_1: Rule = ("in [0, 1)", lambda v: 0 <= v < 1)  # momentum, betas, EMA decay: 1 would never forget
+DECAY_FACTOR: Rule = ("in (0, 1]", lambda v: 0 < v <= 1)  # 0 would drop the lr to 0 at the first decay
+SEED: Rule = (f"in [0, {2**32 - 1}]", lambda v: 0 <= v < 2**32)  # numpy's seed range (set_seed seeds it)
+# The run directory is <output-dir>/<run-name>: anything but one plain name would put it elsewhere.
+RUN_NAME: Rule = (
+    "one directory name under --output-dir: not empty, not . or .., without / or \\",
+    lambda v: v not in ("", ".", "..") and not any(c in v for c in "/\\\0"),
+)
+
+
+def _value_rules(cfg: TrainConfig) -> list[tuple[str, Any, Rule]]:
+    """(flag, value, rule) for every value with a range of its own. None (unset) is skipped; the rule of a
+    tuple holds for each of its items."""
+    data, optim, sched, ckpt = cfg.data, cfg.optim, cfg.schedule, cfg.checkpoint
+    return [
+        ("--run-name", cfg.run_name, RUN_NAME),
+        ("--seed", cfg.seed, SEED),
+        ("--max-steps", cfg.max_steps, AT_LEAST_1),
+        ("--grad-accum-steps", cfg.grad_accum_steps, AT_LEAST_1),
+        ("--eval-every-epochs", cfg.eval_every_epochs, AT_LEAST_0),
+        ("--eval-every-steps", cfg.eval_every_steps, AT_LEAST_0),
+        ("--data.batch-size", data.batch_size, AT_LEAST_1),
+        ("--data.eval-batch-size", data.eval_batch_size, AT_LEAST_1),
+        ("--data.num-workers", data.num_workers, AT_LEAST_0),
+        ("--data.crop-padding", data.crop_padding, AT_LEAST_0),
+        ("--data.mean", data.mean, ANY),
+        ("--data.std", data.std, POSITIVE),  # normalisation divides by it
+        ("--optim.lr", optim.lr, POSITIVE),
+        ("--optim.momentum", optim.momentum, BELOW_1),
+        ("--optim.weight-decay", optim.weight_decay, AT_LEAST_0),
+        ("--optim.betas", optim.betas, BELOW_1),
+        ("--optim.eps", optim.eps, AT_LEAST_0),
+        ("--optim.grad-clip-norm", optim.grad_clip_norm, AT_LEAST_0),
+        ("--schedule.warmup-epochs", sched.warmup_epochs, AT_LEAST_0),
+        ("--schedule.warmup-steps", sched.warmup_steps, AT_LEAST_0),
+        ("--schedule.warmup-start-factor", sched.warmup_start_factor, FRACTION),
+        ("--schedule.min-lr-factor", sched.min_lr_factor, FRACTION),
+        ("--schedule.step-size-epochs", sched.step_size_epochs, POSITIVE),
+        ("--schedule.milestones-epochs", sched.milestones_epochs, AT_LEAST_0),
+        ("--schedule.gamma", sched.gamma, DECAY_FACTOR),
+        ("--schedule.plateau-patience", sched.plateau_patience, AT_LEAST_0),
+        ("--schedule.plateau-threshold", sched.plateau_threshold, AT_LEAST_0),
+        ("--checkpoint.every-steps", ckpt.every_steps, AT_LEAST_0),
+        ("--checkpoint.every-epochs", ckpt.every_epochs, AT_LEAST_0),
+        ("--checkpoint.keep-last", ckpt.keep_last, AT_LEAST_1),
+        ("--logging.every-steps", cfg.logging.every_steps, AT_LEAST_1),
+        ("--preemption.check-every-steps", cfg.preemption.check_every_steps, AT_LEAST_1),
+        ("--preemption.max-requeues", cfg.preemption.max_requeues, AT_LEAST_0),
+        ("--early-stopping.patience", cfg.early_stopping.patience, AT_LEAST_0),
+        ("--early-stopping.min-delta", cfg.early_stopping.min_delta, AT_LEAST_0),
+        ("--ema.decay", cfg.ema.decay, BELOW_1),
+        ("--ema.warmup-steps", cfg.ema.warmup_steps, AT_LEAST_0),
+    ]
+
+
+def _range_problems(cfg: TrainConfig) -> list[str]:
     problems = []
-    positive = {
-        "--data.batch-size": cfg.data.batch_size,
-        "--data.eval-batch-size": cfg.data.eval_batch_size,
-        "--grad-accum-steps": cfg.grad_accum_steps,
-        "--logging.every-steps": cfg.logging.every_steps,
-    }
-    problems += [f"{flag} must be at least 1 (got {value})" for flag, value in positive.items() if value < 1]
+    for flag, value, (expected, ok) in _value_rules(cfg):
+        if value is None:
+            continue
+        items, each = (value, " each") if isinstance(value, tuple) else ((value,), "")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            problems.append(f"{flag} must{each} be a finite number (got {value!r})")
+        elif not all(ok(v) for v in items):
+            problems.append(f"{flag} must{each} be {expected} (got {value!r})")
+    return problems
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Checks tyro cannot express: ranges (`_value_rules`) and combinations. Each message names the flag."""
+    problems = _range_problems(cfg)
+    optim, sched = cfg.optim, cfg.schedule
+    # Combinations. Each compares with a value its own range allows, so one mistake is reported once.
     if cfg.max_epochs < 1 and cfg.max_steps is None:
         problems.append(f"--max-epochs must be at least 1 (got {cfg.max_epochs}), or set --max-steps")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        problems.append(f"--max-steps must be at least 1 (got {cfg.max_steps})")
-    if cfg.optim.lr <= 0:
-        problems.append(f"--optim.lr must be positive (got {cfg.optim.lr})")
-    if cfg.checkpoint.keep_last < 1:
-        problems.append(f"--checkpoint.keep-last must be at least 1 (got {cfg.checkpoint.keep_last})")
     if len(cfg.data.mean) != len(cfg.data.std):
         problems.append(
             f"--data.mean and --data.std need the same length ({cfg.data.mean} vs {cfg.data.std})"
@@ -169,10 +323,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     metrics = ("accuracy", "loss", "ema_accuracy", "ema_loss") if cfg.ema.decay > 0 else ("accuracy", "loss")
     if cfg.key_metric not in metrics:
         problems.append(f"--key-metric must be one of {', '.join(metrics)} (got {cfg.key_metric!r})")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        problems.append(f"--ema.decay must be in [0, 1) (got {cfg.ema.decay})")
-    if cfg.schedule.warmup == "exponential" and cfg.schedule.warmup_start_factor <= 0:
-        problems.append("--schedule.warmup-start-factor must be positive for the exponential warm-up")
+    if optim.name == "sgd" and optim.nesterov and optim.momentum == 0:  # torch's SGD refuses it
+        problems.append(
+            "--optim.nesterov needs --optim.momentum above 0 (got 0.0); "
+            "set a momentum or pass --optim.no-nesterov"
+        )
+    if sched.decay == "plateau" and sched.gamma == 1:  # torch's ReduceLROnPlateau refuses it
+        problems.append("--schedule.gamma must be below 1 for --schedule.decay plateau (got 1.0)")
+    if sched.warmup in ("exponential", "constant") and sched.warmup_start_factor == 0:
+        # Exponential: 0 ** x is 0 throughout; constant: the warm-up would not train at all.
+        problems.append(
+            f"--schedule.warmup-start-factor must be positive for the {sched.warmup} warm-up (got 0.0)"
+        )
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg

@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -30,6 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from launcher.config import TrainConfig, save_json
+from launcher.errors import UserError
 
 log = logging.getLogger("launcher")
 
@@ -53,11 +56,41 @@ def setup_console(run_dir: Path | None, is_main: bool) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if run_dir is not None and is_main:
-        file = logging.FileHandler(run_dir / "train.log")
+        file = _LogFile(run_dir / "train.log")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").handlers = log.handlers
+
+
+class _LogFile(logging.FileHandler):
+    """train.log. When it cannot be written any more (disk full, file made read-only), the console says so once
+    and keeps everything; training goes on, instead of logging's own traceback on every line that follows."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        log.removeHandler(self)
+        logging.getLogger("py.warnings").removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
+        log.warning("WARNING: cannot write %s (%s); logging to the console only from now on", self.baseFilename,
+                    getattr(error, "strerror", None) or error)  # fmt: skip
+
+
+def close_log_file() -> None:
+    """Stop writing train.log (its run directory is about to be removed)."""
+    for handler in [h for h in log.handlers if isinstance(h, _LogFile)]:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def record_error(message: str) -> None:
+    """Append an error to train.log only (the CLI prints it on the console)."""
+    for handler in log.handlers:
+        if isinstance(handler, _LogFile):
+            handler.handle(
+                log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None)
+            )
 
 
 class _TqdmHandler(logging.Handler):
@@ -115,20 +148,43 @@ def _git_commit(folder: Path) -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None (JSON has no such numbers: `json.dumps` would write the
+    bare words NaN and Infinity, which strict readers such as jq and JavaScript reject)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 class MetricsLog:
-    """Appends one JSON object per event to <run>/metrics.jsonl (main process only; a no-op elsewhere)."""
+    """Appends one JSON object per event to <run>/metrics.jsonl (main process only; a no-op elsewhere).
+
+    Non-finite numbers (a diverged loss) are written as null; train.log and TensorBoard keep the NaN itself."""
 
     def __init__(self, path: Path | None) -> None:
+        self.path = path
         self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115
 
     def write(self, kind: str, step: int, epoch: float, values: dict[str, Any]) -> None:
         if self.file is not None:
             record = {"kind": kind, "step": step, "epoch": round(epoch, 4), **values}
-            self.file.write(json.dumps(record) + "\n")
+            try:
+                self.file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+            except OSError as exc:
+                raise UserError(
+                    f"cannot write {self.path} ({exc.strerror or exc}); free disk space or fix the run "
+                    "directory's permissions, then rerun the same command to resume from the last checkpoint"
+                ) from None
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # what could not be written was reported by write()
+                self.file.close()
+            self.file = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

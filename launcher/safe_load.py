@@ -7,14 +7,23 @@ turn safety off when the caller did not pass `weights_only`. The only way to run
 
 On top of torch's own allowlist this module accepts:
 
-- a few globals that construct plain values and that real checkpoints are full of: numpy scalars and dtypes (under
-  their numpy 1 and numpy 2 module names) and `argparse.Namespace`;
+- a few globals that construct plain values and that real checkpoints are full of: numpy scalars of plain numeric
+  dtypes (under their numpy 1 and numpy 2 module names) and `argparse.Namespace`. numpy's own dtype constructor is
+  not allowlisted: its __setstate__ takes fields and subarrays from the file, and a dtype with a forged object field
+  makes numpy use bytes from the file as a pointer. A stand-in checks each dtype first (see `_NumpyDtype`);
 - Python-2-era legacy files, whose pickles hold the text `INT` opcode that the weights-only unpickler does not
   read. The opcodes are rewritten to their binary twins (same values) and the result goes through the same
   weights-only unpickler, so this needs no trust either.
 
-A safetensors header is validated here (size, JSON, dtypes, offsets inside the file and not overlapping) before
-the safetensors library sees the file, so a hostile or truncated file costs one short read and gives one line.
+A torch.save zip's directory is checked before torch reads it (`check_zip_sizes`): torch inflates each record
+whole, so a small file that inflates to gigabytes would otherwise cost that much memory.
+
+A safetensors header is validated here (size, counts, JSON, dtypes, offsets inside the file and not overlapping)
+before the safetensors library sees the file, so a hostile or truncated file costs one bounded read and gives one
+line.
+
+A file that would call a known-dangerous function (`posix.system`, `builtins.eval`, ...) is called likely
+malicious, and the error does not suggest `--unsafe-load-pickled-code`.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ import argparse
 import io
 import itertools
 import json
-import math
 import pickle
 import pickletools
 import re
@@ -44,6 +52,22 @@ from launcher.errors import UserError
 
 # The safetensors library refuses headers over 100 MB; so do we, before reading one.
 MAX_HEADER_BYTES = 100_000_000
+# Tensors one safetensors file may hold. Generous: the largest published models have on the order of 10^5 tensors
+# in all (a 671B mixture of experts with a scale beside each FP8 weight) and spread them over dozens of shard
+# files, so a single file past 200k is crafted. Parsing and validating costs ~2 kB and ~10 us per tensor, and
+# loading and converting far more, so the cap is what bounds the work a header can ask for (~2 s to check 200k
+# on a busy 2-core machine); it is counted before the JSON is parsed.
+MAX_SAFETENSORS_TENSORS = 200_000
+# JSON values (commas outside strings) a header may hold: a tensor entry has 4 plus one per dimension past the
+# first, so 16 per tensor of the cap, plus room for __metadata__ entries. Bounds the parse of a small header that
+# is one huge list or object.
+MAX_HEADER_VALUES = 16 * MAX_SAFETENSORS_TENSORS + 65_536
+# How much the compressed records of a torch.save zip may inflate, in all. torch.save stores every record
+# uncompressed (1x); a checkpoint recompressed by hand (zip -9) inflates its pickle a few times. Deflate reaches
+# ~1000x on repetitive bytes, which is how a 1 MB file inflates to 1 GiB.
+MAX_ZIP_INFLATION = 16
+# Extra inflation allowed on top, so that a few tiny compressed records (a version number) never count as a bomb.
+ZIP_INFLATION_SLACK = 1 << 20
 # Header metadata key under which convert-ckpt records tied tensors: {"alias key": "stored key", ...}.
 ALIASES_KEY = "launcher.aliases"
 # torch.save's legacy (pre-1.6) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
@@ -72,6 +96,32 @@ SAFETENSORS_DTYPE_BITS = {
     "F6_E3M2": 6,
 }
 PICKLE_OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+# Modules whose functions run commands, code or network and file I/O when called. A checkpoint never needs them;
+# exploit pickles do (os.system is pickled as posix.system on Linux and nt.system on Windows). `__builtin__` and
+# `commands` are their Python 2 names.
+DANGEROUS_MODULES = frozenset(
+    {
+        "os", "posix", "nt", "subprocess", "_posixsubprocess", "shutil", "socket", "sys", "importlib", "imp",
+        "pty", "runpy", "ctypes", "_ctypes", "multiprocessing", "asyncio", "code", "codeop", "pickle", "_pickle",
+        "marshal", "webbrowser", "pdb", "bdb", "timeit", "profile", "cProfile", "trace", "commands", "popen2",
+    }
+)  # fmt: skip
+# Single functions of otherwise harmless modules that do the same: run code, import modules or reach any attribute.
+DANGEROUS_GLOBALS = frozenset(
+    {
+        *(f"{module}.{name}" for module in ("builtins", "__builtin__") for name in (
+            "eval", "exec", "execfile", "compile", "__import__", "getattr", "setattr", "delattr", "open",
+            "input", "breakpoint", "globals", "locals", "vars", "apply", "reload", "file",
+        )),
+        "types.FunctionType", "types.LambdaType", "types.CodeType",
+        "operator.attrgetter", "operator.methodcaller", "_operator.attrgetter", "_operator.methodcaller",
+        "io.open", "_io.open", "io.FileIO", "_io.FileIO",
+    }
+)  # fmt: skip
+# The text that starts every refusal of a numpy dtype, so that the load error can be recognised and explained.
+DTYPE_REFUSED = "refused numpy dtype"
+# numpy's dtype codes for plain numbers as its pickles spell them ("f8", "c16", "b1"): kind letter, then bytes.
+PLAIN_NUMPY_DTYPE = re.compile(r"[biufc][0-9]{1,2}")
 
 
 @dataclass
@@ -150,6 +200,8 @@ def load_checkpoint(path: Path, allow_unsafe: bool = False) -> Loaded:
             f"{path}: not a checkpoint format launcher knows (safetensors, torch.save zip or legacy torch.save); "
             f"it starts with {head!r}"
         )
+    if fmt == "torch zip":
+        check_zip_sizes(path)
     try:
         return Loaded(_torch_load_safe(path), fmt)
     except Exception as exc:  # the unpickler raises many kinds; each means "not readable safely as it is"
@@ -170,31 +222,166 @@ def load_checkpoint(path: Path, allow_unsafe: bool = False) -> Loaded:
 
 
 def _torch_load_safe(f: Path | BinaryIO) -> Any:
+    made = _NumpyDtype.made
     with torch.serialization.safe_globals(safe_globals()):
-        return torch.load(f, map_location="cpu", weights_only=True)
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    # A dtype pickled on its own (not inside a scalar) is still a stand-in: swap in the real numpy dtype.
+    return _real_dtypes(obj) if _NumpyDtype.made != made else obj
 
 
 def safe_globals() -> list[Any]:
     """Globals that only build plain values, allowlisted for weights-only loading.
 
-    A numpy scalar is pickled as `scalar(dtype, raw bytes)`; numpy 2 moved it from `numpy.core` to `numpy._core`,
-    and a file names whichever numpy wrote it, so both names are mapped to the installed function.
+    A numpy scalar is pickled as `scalar(dtype, raw bytes)`, the dtype as `numpy.dtype(code, align, copy)` followed
+    by a BUILD with its state. Both names are mapped to stand-ins that accept plain numeric dtypes only and build
+    the numpy objects themselves (`_NumpyDtype`, `_numpy_scalar`). numpy 2 moved `scalar` from `numpy.core` to
+    `numpy._core`, and a file names whichever numpy wrote it, so both names are mapped.
     `argparse.Namespace` is rebuilt as an empty object whose __dict__ is then filled with already-unpickled values.
     """
     out: list[Any] = [argparse.Namespace]
     try:
-        import numpy as np
+        import numpy  # noqa: F401
     except ImportError:  # no numpy: files holding numpy values fail with a message naming the global
         return out
-    core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
-    out += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
-    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles a dtype's class as numpy.dtypes.Float64DType
-    for name in dir(dtypes) if dtypes else ():
-        cls = getattr(dtypes, name)
-        if isinstance(cls, type) and issubclass(cls, np.dtype):
-            out.append((cls, f"numpy.dtypes.{name}"))
+    out += [
+        (_numpy_scalar, "numpy.core.multiarray.scalar"),
+        (_numpy_scalar, "numpy._core.multiarray.scalar"),
+        (_NumpyDtype, "numpy.dtype"),
+    ]
     return out
+
+
+class _NumpyDtype:
+    """Stands in for `numpy.dtype` while unpickling, so that nothing numpy builds ever sees a state from the file.
+
+    The weights-only unpickler calls an allowlisted class with the pickled arguments, and then, for BUILD, the
+    instance's __setstate__ with the pickled state. numpy's own dtype.__setstate__ accepts any fields, subarray and
+    flags on a fresh dtype: a void or float64 dtype given a field of Python objects makes numpy read 8 bytes of the
+    file as a pointer (inspect-ckpt segfaulted), and one given a field or subarray past its 8 bytes reads beyond
+    the scalar's memory. So the code and the state are
+    checked here, and only a fresh `numpy.dtype(code)` of a plain numeric kind, in the pickled byte order, is built.
+    """
+
+    made = 0  # instances created, so that a load without numpy dtypes skips the search for stand-ins
+
+    __slots__ = ("byteorder", "code")
+
+    def __new__(cls, code: Any = None, align: Any = False, copy: Any = False) -> _NumpyDtype:
+        # Called for REDUCE as numpy.dtype("f8", False, True), and as __new__ for NEWOBJ, with the file's arguments.
+        if isinstance(code, bytes):  # Python 2 pickles spell it as a byte string
+            code = code.decode("latin-1")
+        if not isinstance(code, str) or not PLAIN_NUMPY_DTYPE.fullmatch(code):
+            raise pickle.UnpicklingError(f"{DTYPE_REFUSED} {_describe_code(code)}")
+        self = super().__new__(cls)
+        self.code, self.byteorder = code, "="
+        _NumpyDtype.made += 1
+        self.build()  # an unknown size ("f3") fails here, before BUILD
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        """Accept exactly what numpy writes for a plain numeric dtype: (3, byte order, None, None, None, -1, -1,
+        flags), or version 4 with metadata after it. Fields, a subarray or an item size are refused unbuilt."""
+        plain = (
+            isinstance(state, tuple)
+            and len(state) in (8, 9)
+            and state[0] in (3, 4)
+            and state[1] in ("<", ">", "|", "=", b"<", b">", b"|", b"=")
+            and state[2:5] == (None, None, None)
+            and state[5:7] == (-1, -1)
+            and type(state[7]) is int
+        )
+        if not plain:
+            raise pickle.UnpicklingError(
+                f"{DTYPE_REFUSED} {self.code!r} rebuilt with {_describe_state(state)}"
+            )
+        order = state[1].decode() if isinstance(state[1], bytes) else state[1]
+        self.byteorder = order if order in "<>" else "="
+
+    def build(self) -> Any:
+        """The real numpy dtype, built from the checked code and byte order only."""
+        import numpy as np
+
+        try:
+            dtype = np.dtype(self.code).newbyteorder(self.byteorder)
+        except TypeError:
+            raise pickle.UnpicklingError(
+                f"{DTYPE_REFUSED} {self.code!r} (numpy knows no such dtype)"
+            ) from None
+        if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+            raise pickle.UnpicklingError(f"{DTYPE_REFUSED} {self.code!r} (not a plain number)")
+        return dtype
+
+
+def _describe_code(code: Any) -> str:
+    """A refused dtype code in words (never the repr of a huge value): what it is, and why it matters."""
+    if not isinstance(code, str):
+        return f"given as a {type(code).__name__}, not a type code (crafted or damaged)"
+    if code[:1] in ("O", "V"):
+        kind = "of Python objects" if code[0] == "O" else "structured (void)"
+        # Checkpoints hold numbers; these kinds are how a crafted file makes numpy use its bytes as pointers.
+        return (
+            f"{code[:16]!r} ({kind}): no checkpoint needs one, and a crafted one makes numpy read memory the file "
+            "chooses, so the file is likely malicious"
+        )
+    return f"{code[:16]!r}: only plain numbers (bool, int, uint, float, complex) are read"
+
+
+def _describe_state(state: Any) -> str:
+    if isinstance(state, tuple) and len(state) >= 5 and (state[2] is not None or state[4] is not None):
+        parts = "fields" if state[4] is not None else "a subarray"
+        return (
+            f"{parts}, which numpy never writes for it: a forged dtype makes numpy read memory the file chooses, "
+            "so the file is likely malicious"
+        )
+    size = f" of {len(state)}" if isinstance(state, (tuple, list, dict)) else ""
+    return f"a {type(state).__name__}{size} numpy does not write as a dtype state (crafted or damaged)"
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """Stands in for `numpy.core.multiarray.scalar(dtype, raw bytes)`, for a checked dtype and bytes of its size."""
+    if not isinstance(dtype, _NumpyDtype):
+        raise pickle.UnpicklingError(
+            f"{DTYPE_REFUSED}: a numpy scalar of {type(dtype).__name__}, not of a dtype"
+        )
+    real = dtype.build()
+    if isinstance(data, str):  # Python 2 pickles and protocol 0/1 carry the bytes as a latin-1 string
+        data = data.encode("latin-1")
+    if not isinstance(data, bytes) or len(data) != real.itemsize:
+        size = len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__
+        raise pickle.UnpicklingError(
+            f"{DTYPE_REFUSED}: a numpy {real} scalar needs {real.itemsize} bytes, got {size}"
+        )
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return core.multiarray.scalar(real, data)
+
+
+def _real_dtypes(obj: Any, depth: int = 0, done: dict[int, Any] | None = None) -> Any:
+    """`obj` with each `_NumpyDtype` in it, in the containers unpickling can make, replaced by its numpy dtype.
+
+    Each container is visited once (`done`, by id): a pickle can share one list many times over, and visiting
+    every path through such a graph would take exponential time.
+    """
+    if isinstance(obj, _NumpyDtype):
+        return obj.build()
+    if depth > 100 or not isinstance(obj, (dict, list, tuple, set, frozenset, argparse.Namespace)):
+        return obj  # deeper than any checkpoint nests, or a leaf (a tensor, a number, a string)
+    done = {} if done is None else done
+    if id(obj) in done:
+        return done[id(obj)]
+    done[id(obj)] = obj
+    if isinstance(obj, dict):  # OrderedDict too; changed in place so that shared references stay shared
+        items = [(_real_dtypes(k, depth + 1, done), _real_dtypes(v, depth + 1, done)) for k, v in obj.items()]
+        obj.clear()
+        obj.update(items)
+    elif isinstance(obj, list):
+        obj[:] = [_real_dtypes(v, depth + 1, done) for v in obj]
+    elif isinstance(obj, argparse.Namespace):
+        _real_dtypes(vars(obj), depth + 1, done)
+    elif type(obj) in (tuple, set, frozenset):
+        done[id(obj)] = type(obj)(_real_dtypes(v, depth + 1, done) for v in obj)
+    return done[id(obj)]
 
 
 def _load_error_reason(exc: Exception) -> str:
@@ -210,6 +397,21 @@ def _load_error_reason(exc: Exception) -> str:
 
 
 def _explain(path: Path, reason: str, needed: list[str]) -> str:
+    dangerous = [g for g in needed if is_dangerous_global(g)]
+    # No checkpoint needs these, so offering --unsafe-load-pickled-code would only help an attack along.
+    if dangerous:
+        return (
+            f"{path}: likely malicious: its pickle would call {_short(dangerous)}, which runs commands or code "
+            "rather than rebuilding data, and no checkpoint needs that. It was not loaded; do not load it with "
+            "torch.load either, and get the weights from a source you trust"
+        )
+    if DTYPE_REFUSED in reason:
+        if "likely malicious" in reason:
+            return f"{path}: cannot be read safely: {reason}. It was not loaded"
+        return (
+            f"{path}: cannot be read safely: {reason}. If you trust the file: launcher convert-ckpt {path} "
+            "--unsafe-load-pickled-code"
+        )
     main = [g for g in needed if g.startswith("__main__.")]
     if main:
         return _main_message(path, main)
@@ -236,6 +438,11 @@ def _main_message(path: Path, main: list[str]) -> str:
         "(`__main__`), so it cannot be unpickled here, not even with --unsafe-load-pickled-code. In that script "
         "(or one defining the class), load it and torch.save(model.state_dict(), ...)"
     )
+
+
+def is_dangerous_global(name: str) -> bool:
+    """Whether a pickle global (`module.name`) runs commands or code: os.system, builtins.eval, ..."""
+    return name in DANGEROUS_GLOBALS or name.split(".", 1)[0] in DANGEROUS_MODULES
 
 
 def _short(items: list[str], n: int = 4) -> str:
@@ -270,12 +477,18 @@ def _load_unsafe(path: Path, fmt: str, needed: list[str]) -> Loaded:
 def _pickle_streams(path: Path, fmt: str) -> list[bytes]:
     """The pickle that holds a torch.save file's object (zip: data.pkl; legacy: the 4th of 5 pickles)."""
     if fmt == "torch zip":
+        check_zip_sizes(path)
+        out = []
         with zipfile.ZipFile(path) as z:
-            # A diagnostic is not worth decompressing a hostile, huge member for.
-            pickles = [
-                i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"
-            ]
-            return [z.read(i) for i in pickles if i.file_size <= MAX_HEADER_BYTES]
+            for info in z.infolist():
+                # A diagnostic is not worth inflating a huge member for; zipfile stops at the declared size, and
+                # the read limit stops it at ours.
+                if info.filename.endswith("/data.pkl") or info.filename == "data.pkl":
+                    with z.open(info) as f:
+                        data = f.read(MAX_HEADER_BYTES + 1)
+                    if len(data) <= MAX_HEADER_BYTES:
+                        out.append(data)
+        return out
     with open(path, "rb") as f:
         for _ in range(3):  # magic number, protocol version, sys_info
             for _op in pickletools.genops(f):
@@ -339,6 +552,46 @@ def unsafe_globals(path: Path, fmt: str) -> list[str]:
     return [g for g in names if g not in allowed]
 
 
+def check_zip_sizes(path: Path) -> None:
+    """Refuse a zip whose directory promises more data than the file can honestly inflate to (a zip bomb).
+
+    torch's reader allocates each record at its declared size and inflates it whole (a tensor's storage too:
+    its size is compared with the tensor's only afterwards), so the declared sizes are checked here, before
+    anything is read: a stored record holds exactly its declared bytes, the compressed records inflate at most
+    MAX_ZIP_INFLATION times in all, and the compressed sizes fit in the file (records that overlap reuse the same
+    bytes many times). Every reader then stops at the declared size: torch's miniz and zipfile both do.
+    """
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(f"{path}: a damaged zip file ({exc})") from None
+    where = "a zip bomb, or a damaged file; torch.save never compresses"
+    packed = sum(i.compress_size for i in infos)
+    if packed > size:
+        raise UserError(
+            f"{path}: its zip directory claims {packed:,} bytes of compressed data in a {size:,}-byte file "
+            f"(entries that overlap or run past the end: {where})"
+        )
+    for info in infos:
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise UserError(
+                f"{path}: zip entry {info.filename!r} is stored uncompressed in {info.compress_size:,} bytes but "
+                f"claims {info.file_size:,} ({where})"
+            )
+    squeezed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    inflated = sum(i.file_size for i in squeezed)
+    compressed = sum(i.compress_size for i in squeezed)
+    if inflated > MAX_ZIP_INFLATION * compressed + ZIP_INFLATION_SLACK:
+        worst = max(squeezed, key=lambda i: i.file_size / max(i.compress_size, 1))
+        raise UserError(
+            f"{path}: its compressed zip entries inflate to {inflated:,} bytes from {compressed:,} "
+            f"({worst.filename!r} {worst.file_size / max(worst.compress_size, 1):,.0f}x; more than "
+            f"{MAX_ZIP_INFLATION}x is {where})"
+        )
+
+
 def rewrite_py2_int_opcodes(path: Path) -> tuple[io.BytesIO, int]:
     """A copy of a legacy torch.save file with each text `INT` opcode replaced by its binary equivalent.
 
@@ -373,7 +626,9 @@ def rewrite_py2_int_opcodes(path: Path) -> tuple[io.BytesIO, int]:
 def check_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and validate a safetensors header without trusting it; returns the header dict.
 
-    Reads 8 bytes and then at most MAX_HEADER_BYTES, so a hostile length cannot make us allocate much.
+    Reads 8 bytes and then at most MAX_HEADER_BYTES, so a hostile length cannot make us allocate much; counts the
+    header's tensors and values before parsing it (`_count_header`), so that the parse and the checks after it
+    are bounded too.
     """
     size = path.stat().st_size
     if size == 0:
@@ -394,14 +649,27 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    del raw
+    _count_header(path, text)
+    try:
+        header = json.loads(text)
+    except RecursionError:  # the C parser gives up after ~1000 levels; a header has 3
+        raise UserError(
+            f"{path}: safetensors header nests deeper than a header can (it has 3 levels: the header, a tensor "
+            "entry, its shape); crafted or corrupted"
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, or an integer over Python's 4300-digit limit
         raise UserError(f"{path}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UserError(f"{path}: safetensors __metadata__ must map strings to strings")
+    if len(header) - ("__metadata__" in header) > MAX_SAFETENSORS_TENSORS:
+        raise UserError(_too_many_tensors(path))
     data_size = size - 8 - n
     spans = []
     for name, info in header.items():
@@ -415,34 +683,92 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+# A JSON string, escapes included: what `_count_header` removes before it counts brackets and commas.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _count_header(path: Path, text: str) -> None:
+    """Refuse a header with more tensors or values than the caps allow, before json.loads builds any of them.
+
+    Every tensor entry is a JSON object, and every value after the first of a list or object follows a comma;
+    counted outside strings, `{` bounds the tensors (one object is the header, one may be __metadata__) and `,`
+    the values. Parsing 400k tiny entries took seconds and a gigabyte; counting takes one pass. The counts of
+    the raw text include strings and so are upper bounds: only when they are over the caps are the strings
+    removed (a second pass) to count exactly, so a name or metadata full of braces is never refused for them.
+    """
+    if text.count("{") - 2 <= MAX_SAFETENSORS_TENSORS and text.count(",") <= MAX_HEADER_VALUES:
+        return
+    bare = _JSON_STRING.sub("", text)
+    if bare.count("{") - 2 > MAX_SAFETENSORS_TENSORS:
+        raise UserError(_too_many_tensors(path))
+    if (values := bare.count(",")) > MAX_HEADER_VALUES:
+        raise UserError(
+            f"{path}: safetensors header holds more values than a header of {MAX_SAFETENSORS_TENSORS:,} tensors "
+            f"can need ({values:,} > {MAX_HEADER_VALUES:,}); crafted or corrupted"
+        )
+
+
+def _too_many_tensors(path: Path) -> str:
+    return (
+        f"{path}: safetensors header lists more than {MAX_SAFETENSORS_TENSORS:,} tensors, the most launcher "
+        "reads from one file (real models spread theirs over shard files); crafted or corrupted"
+    )
+
+
 def _tensor_span(path: Path, name: str, info: Any, data_size: int) -> tuple[int, int]:
-    """(begin, end) of one tensor's bytes after checking its dtype, shape and offsets agree."""
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise UserError(f"{where}: header entry needs dtype, shape and data_offsets")
+    """(begin, end) of one tensor's bytes after checking its dtype, shape and offsets agree.
+
+    Types are checked exactly (`type(x) is int`: JSON `true` is not a dimension) and dimensions and offsets fit
+    in 64 bits, as the format says, so that no value from the file can make a check itself slow.
+    """
+    if type(info) is not dict or not ("dtype" in info and "shape" in info and "data_offsets" in info):
+        raise UserError(f"{path}: tensor {name!r}: header entry needs dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPE_BITS:
-        raise UserError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise UserError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if type(dtype) is not str or dtype not in SAFETENSORS_DTYPE_BITS:
+        raise UserError(f"{path}: tensor {name!r}: unknown dtype {_brief(dtype)}")
+    if type(shape) is not list or not all(type(d) is int and 0 <= d < 2**64 for d in shape):
+        raise UserError(
+            f"{path}: tensor {name!r}: shape {_brief(shape)} is not a list of non-negative integers"
+        )
     if (
-        not isinstance(offsets, list)
+        type(offsets) is not list
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] < 2**64
     ):
-        raise UserError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        raise UserError(
+            f"{path}: tensor {name!r}: data_offsets {_brief(offsets)} is not [begin, end] with "
+            "0 <= begin <= end"
+        )
     begin, end = offsets
     if end > data_size:
         raise UserError(
-            f"{where}: its data ends at byte {end:,} but the data section has {data_size:,} bytes (truncated file)"
+            f"{path}: tensor {name!r}: its data ends at byte {end:,} but the data section has {data_size:,} "
+            "bytes (truncated file)"
         )
-    bits = math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype]
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():
+        numel *= d
+        if numel > 2**128:  # more than any file holds: stop before the product of many dimensions gets slow
+            break
+    bits = numel * SAFETENSORS_DTYPE_BITS[dtype]
     if bits % 8 or end - begin != bits // 8:
         raise UserError(
-            f"{where}: {dtype} {shape} needs {bits / 8:g} bytes but its offsets span {end - begin:,}"
+            f"{path}: tensor {name!r}: {dtype} {_brief(shape)} needs {bits / 8:g} bytes but its offsets "
+            f"span {end - begin:,}"
         )
     return begin, end
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a hostile header's values can be megabytes long."""
+    if isinstance(value, list) and len(value) > limit:
+        value = value[:limit]
+    try:
+        text = repr(value)
+    except RecursionError:  # nested nearly as deep as the JSON parser allows
+        return f"(a {type(value).__name__} nested too deep to show)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -458,6 +784,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             aliases = json.loads(metadata[ALIASES_KEY])
             for alias, stored in aliases.items():
                 tensors[alias] = tensors[stored]
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
-            raise UserError(f"{path}: metadata {ALIASES_KEY!r} is damaged ({exc!r})") from None
+        # ValueError: not JSON; RecursionError: nested past the parser's limit; the rest: not {alias: key}.
+        except (ValueError, RecursionError, AttributeError, KeyError, TypeError) as exc:
+            raise UserError(f"{path}: metadata {ALIASES_KEY!r} is damaged ({_brief(exc, 160)})") from None
     return tensors, metadata

@@ -128,3 +128,14 @@ def make_scheduler(
     return LambdaLR(
         optimizer, lambda step: lr_multiplier(step, steps, cfg) * plateau.scale, last_epoch=last_step - 1
     )
+
+
+def reapply(scheduler: LambdaLR) -> None:
+    """Recompute the lr of the next update from the scheduler's current position, after something its lambdas
+    read changed between steps (the plateau scale, cut at an evaluation). LambdaLR only recomputes in step()."""
+    step = scheduler.last_epoch
+    for group, base, fn in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -5,10 +5,16 @@ On its node, that reads the node's own SLURM_NODEID (never the batch shell's, wh
 itself with
 
     accelerate launch --num_machines NODES --machine_rank NODEID --main_process_ip FIRST_HOST
-        --main_process_port PORT --num_processes NODES*PER_NODE [--multi_gpu] -m launcher.train RECIPE ...
+        --main_process_port PORT --num_processes NODES*ON_NODE [--multi_gpu] -m launcher.train RECIPE ...
 
 FIRST_HOST is the first name of `scontrol show hostnames $SLURM_JOB_NODELIST`, the node SLURM numbers 0, so the
 process of machine rank 0 serves the rendezvous there. `launch --dry-run` prints the command instead.
+
+Nodes may run different numbers of processes (`sbatch --nodes=2 --gpus=12 --gpus-per-node=0` can give 8 + 4 GPUs).
+Accelerate starts `--num_processes // --num_machines` processes on a node (torchrun's --nproc_per_node), so each
+node passes its own count ON_NODE times NODES, not the job's total (12 would start 6 on each node). torchrun's
+agents then number the ranks by adding up the nodes' counts in machine-rank order (its default; not with
+TORCH_ELASTIC_WORKER_IDENTICAL=1), so the job has the sum of them, 8 + 4, and WORLD_SIZE says so on every rank.
 
 Preemption: SLURM's warning signal (`#SBATCH --signal=USR1@90`, `scancel --signal=USR1 JOB`) goes to every
 process of the job step. Python's default action for SIGUSR1 is to die, and torch's elastic agent inside
@@ -41,7 +47,10 @@ PORT_SPAN = 15000
 CPU_SWITCH = "LAUNCHER_CPU"
 """Set to 1 to run on CPU-only nodes: gloo instead of NCCL, processes per node from PROCS_PER_NODE."""
 PROCS_PER_NODE = "LAUNCHER_PROCS_PER_NODE"
-"""Processes per node; default: the GPUs SLURM allocated on the node (1 on CPU)."""
+"""Processes per node: one count for every node, or one per node in SLURM's notation (`2(x3),1`); default: the GPUs
+SLURM allocated on the node (1 on CPU)."""
+IDENTICAL_WORKERS = "TORCH_ELASTIC_WORKER_IDENTICAL"
+"""torchrun's shortcut that numbers ranks as node rank x the node's own count: wrong when the nodes' counts differ."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,15 +65,17 @@ class LaunchPlan:
     """Host of machine rank 0: the first host of the job's node list."""
     main_process_port: int
     """Rendezvous port, derived from the job id."""
-    processes_per_node: int
-    """Training processes on each node (GPUs per node, or LAUNCHER_PROCS_PER_NODE)."""
+    processes_on_node: int
+    """Training processes on this node (its GPUs, or its count of LAUNCHER_PROCS_PER_NODE)."""
+    num_processes: int
+    """Training processes in the whole job: the sum of every node's count."""
     cpu: bool
     """CPU-only nodes: gloo, no GPUs."""
 
     @property
-    def num_processes(self) -> int:
-        """Training processes in the whole job."""
-        return self.num_machines * self.processes_per_node
+    def uneven(self) -> bool:
+        """Whether the nodes run different numbers of processes (seen from this node: at least one node sees it)."""
+        return self.processes_on_node * self.num_machines != self.num_processes
 
 
 def scontrol_hostnames(nodelist: str) -> list[str]:
@@ -88,18 +99,81 @@ def port_for_job(job_id: int) -> int:
     return PORT_BASE + job_id % PORT_SPAN
 
 
-def gpus_per_node(env: Mapping[str, str]) -> int | None:
-    """GPUs SLURM allocated per node: SLURM_GPUS_ON_NODE (set on the node), else the count in SLURM_GPUS_PER_NODE
-    (`4`, `a100:4`, `a100:2,v100:2`). None when the job asked for no GPUs."""
-    if on_node := env.get("SLURM_GPUS_ON_NODE"):
-        return int(on_node)
-    per_node = env.get("SLURM_GPUS_PER_NODE")
-    if not per_node:
+def _gpu_count(env: Mapping[str, str], name: str) -> int | None:
+    """The count in a GPU request of SLURM's (`4`, `a100:4`, `a100:2,v100:2`); None when `name` is not set."""
+    spec = env.get(name)
+    if not spec:
         return None
-    counts = [re.fullmatch(r"(?:[^:,]+:)*(\d+)", part.strip()) for part in per_node.split(",")]
+    counts = [re.fullmatch(r"(?:[^:,]+:)*(\d+)", part.strip()) for part in spec.split(",")]
     if not all(counts):
-        raise UserError(f"cannot read a GPU count from SLURM_GPUS_PER_NODE={per_node!r}")
+        raise UserError(f"cannot read a GPU count from {name}={spec!r}")
     return sum(int(m.group(1)) for m in counts if m)
+
+
+def gpus_per_node(env: Mapping[str, str]) -> int | None:
+    """GPUs SLURM allocated on this node: SLURM_GPUS_ON_NODE (set on the node), else the count in
+    SLURM_GPUS_PER_NODE (`4`, `a100:4`, `a100:2,v100:2`). None when neither says."""
+    if env.get("SLURM_GPUS_ON_NODE"):
+        return _int_var(env, "SLURM_GPUS_ON_NODE")
+    return _gpu_count(env, "SLURM_GPUS_PER_NODE")
+
+
+def expand_counts(text: str, name: str = "counts") -> list[int]:
+    """SLURM's compressed list of per-node counts, as in SLURM_TASKS_PER_NODE and SLURM_JOB_CPUS_PER_NODE:
+    `2(x3),1` is [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not match:
+            raise UserError(
+                f"{name}={text!r} is not a count or a list of counts per node (like 8 or 8(x2),4)"
+            )
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def process_counts(env: Mapping[str, str], nodes: int, rank: int, cpu: bool) -> tuple[int, int]:
+    """(processes on node `rank`, processes in the job) of a job of `nodes` nodes.
+
+    LAUNCHER_PROCS_PER_NODE gives them (one count, or one per node); CPU jobs run one process per node; GPU jobs
+    one per GPU: the node's own GPUs (SLURM_GPUS_ON_NODE), and in all the job's --gpus (SLURM_GPUS), which SLURM
+    may split unevenly, or else the same number on every node (--gpus-per-node, --gres)."""
+    if spec := env.get(PROCS_PER_NODE):
+        counts = expand_counts(spec, PROCS_PER_NODE)
+        if len(counts) == 1:
+            counts *= nodes
+        if len(counts) != nodes:
+            raise UserError(
+                f"{PROCS_PER_NODE}={spec} gives {len(counts)} counts for {nodes} nodes: "
+                "give one count, or one per node (2(x3),1)"
+            )
+        if min(counts) < 1:
+            raise UserError(f"{PROCS_PER_NODE}={spec}: need at least one process on every node")
+        return counts[rank], sum(counts)
+    if cpu:
+        return 1, nodes
+    job_gpus = _gpu_count(env, "SLURM_GPUS")  # sbatch --gpus=N: the job's total
+    if job_gpus:
+        fix = "ask for --gpus-per-node=N instead of --gpus"
+        what = f"the job's {job_gpus} GPUs (SLURM_GPUS={env['SLURM_GPUS']})"
+        if env.get("SLURM_GPUS_ON_NODE"):
+            on_node = _int_var(env, "SLURM_GPUS_ON_NODE")
+        elif nodes == 1:
+            on_node = job_gpus
+        else:
+            raise UserError(
+                f"node {rank} cannot tell how many of {what} it has: SLURM_GPUS_ON_NODE is not set; {fix}"
+            )
+        if on_node < 1:
+            raise UserError(f"node {rank} has none of {what}; {fix}")
+        return on_node, job_gpus
+    on_node = gpus_per_node(env)
+    if not on_node:
+        raise UserError(
+            "this job has no GPUs: request them (#SBATCH --gpus-per-node=N), or run on CPU-only nodes "
+            f"with {CPU_SWITCH}=1 and {PROCS_PER_NODE}=N"
+        )
+    return on_node, on_node * nodes
 
 
 def _int_var(env: Mapping[str, str], name: str) -> int:
@@ -135,28 +209,22 @@ def plan_from_env(
             "run one task per node over all of the job's nodes (srun --ntasks-per-node=1)"
         )
     cpu = env.get(CPU_SWITCH, "0").lower() in ("1", "true", "yes")
-    if env.get(PROCS_PER_NODE):
-        per_node = _int_var(env, PROCS_PER_NODE)
-    elif cpu:
-        per_node = 1
-    else:
-        gpus = gpus_per_node(env)
-        if not gpus:
-            raise UserError(
-                "this job has no GPUs: request them (#SBATCH --gpus-per-node=N), or run on CPU-only nodes "
-                f"with {CPU_SWITCH}=1 and {PROCS_PER_NODE}=N"
-            )
-        per_node = gpus
-    if per_node < 1:
-        raise UserError(f"{PROCS_PER_NODE}={per_node}: need at least one process per node")
-    return LaunchPlan(
+    on_node, total = process_counts(env, nodes, rank, cpu)
+    plan = LaunchPlan(
         num_machines=nodes,
         machine_rank=rank,
         main_process_ip=hosts[0],
         main_process_port=port_for_job(job_id),
-        processes_per_node=per_node,
+        processes_on_node=on_node,
+        num_processes=total,
         cpu=cpu,
     )
+    if plan.uneven and env.get(IDENTICAL_WORKERS) == "1":
+        raise UserError(
+            f"{IDENTICAL_WORKERS}=1 numbers the ranks as if every node ran {on_node} processes, but this job's "
+            f"nodes run different numbers ({on_node} here, {total} in all): unset it"
+        )
+    return plan
 
 
 def accelerate_command(plan: LaunchPlan, train_args: Sequence[str]) -> list[str]:
@@ -172,8 +240,10 @@ def accelerate_command(plan: LaunchPlan, train_args: Sequence[str]) -> list[str]
         plan.main_process_ip,
         "--main_process_port",
         str(plan.main_process_port),
+        # Accelerate starts --num_processes // --num_machines processes here, so this node's count times the nodes;
+        # torchrun adds the nodes' counts up into the job's ranks, also where they differ (module docstring).
         "--num_processes",
-        str(plan.num_processes),
+        str(plan.processes_on_node * plan.num_machines),
         # Stated, so Accelerate does not warn about defaults; the recipe's config sets the precision.
         "--mixed_precision",
         "no",
@@ -220,7 +290,11 @@ def _launch(args: argparse.Namespace) -> int:
     plan = plan_from_env(env)
     cmd = accelerate_command(plan, train_args)
     host = env.get("SLURMD_NODENAME") or os.uname().nodename
-    print(f"launcher.slurm: node {plan.machine_rank} ({host}): {shlex.join(cmd)}", flush=True)
+    print(
+        f"launcher.slurm: node {plan.machine_rank} ({host}), {plan.processes_on_node} of {plan.num_processes} "
+        f"processes: {shlex.join(cmd)}",
+        flush=True,
+    )
     if args.dry_run:
         return 0
     if plan.cpu:
@@ -246,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launch",
         help="exec `accelerate launch` for this node (one srun task per node)",
         description="Exec `accelerate launch -m launcher.train TRAIN_ARGS` with this node's rank and the job's "
-        f"rendezvous. {CPU_SWITCH}=1: CPU-only nodes (gloo); {PROCS_PER_NODE}=N: processes per node.",
+        f"rendezvous. {CPU_SWITCH}=1: CPU-only nodes (gloo); {PROCS_PER_NODE}=N: processes per node "
+        "(or one count per node, 2(x3),1).",
     )
     launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     launch.add_argument(

@@ -10,9 +10,10 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,20 @@ from launcher import preemption
 from launcher.config import OptimConfig, TrainConfig, to_dict
 from launcher.data import DeviceTransform, EvalData, Source, TrainData, TrainPlan
 from launcher.ema import EMA
-from launcher.errors import UserError
+from launcher.errors import TrainingDiverged, UserError
 from launcher.evaluate import confusion_figure, evaluate, per_class_table
 from launcher.model_stats import forward_flops, human, parameter_count
+from launcher.ranks import PeerFailed, agreed
 from launcher.recipe import Recipe, load_recipe, parse_config
-from launcher.run_dir import MetricsLog, default_run_name, setup_console, write_provenance
-from launcher.schedules import Plateau, make_scheduler, run_length, schedule_steps
+from launcher.run_dir import (
+    MetricsLog,
+    close_log_file,
+    default_run_name,
+    record_error,
+    setup_console,
+    write_provenance,
+)
+from launcher.schedules import Plateau, make_scheduler, reapply, run_length, schedule_steps
 from launcher.state_dict import load_into, read_weights, strip_prefixes
 
 log = logging.getLogger("launcher")
@@ -59,6 +68,35 @@ def _process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+_UNSUPPORTED_BACKENDS = {
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+
+
+def _check_launch(state: PartialState) -> None:
+    """Refuse launches that would not train what they seem to: processes that do not form one group (plain
+    `torchrun` on CPU without ACCELERATE_USE_CPU: every process trains alone as rank 0, into the same run
+    directory), and backends this loop does not drive (it bypasses Accelerate's backward and optimizer wrappers
+    and saves a rank-0 state_dict, which under FSDP or DeepSpeed would hang or save a shard)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > state.num_processes:
+        raise UserError(
+            f"{launched} processes were started (WORLD_SIZE={launched}) but they do not form one process group, "
+            "so each would train alone as rank 0 into the same run directory; on CPU, launch with "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m launcher.train ..."
+        )
+    chosen = [name for flag, name in _UNSUPPORTED_BACKENDS.items() if parse_flag_from_env(flag)]
+    if chosen or state.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        name = chosen[0] if chosen else state.distributed_type.value
+        raise UserError(
+            f"the accelerate configuration selects {name}, which this launcher does not drive yet: it trains on "
+            "one device or with DDP. Launch with `accelerate launch --multi_gpu --num_processes N` and a config "
+            "whose distributed_type is MULTI_GPU (run `accelerate config`, or pass --config_file)"
+        )
+
+
 def _run_dir(cfg: TrainConfig, recipe: Recipe) -> Path:
     """The run directory, named once on the main process and shared (a timestamp differs between ranks)."""
     name = [cfg.run_name or default_run_name(recipe.name + ("-test" if cfg.phase == "test" else ""))]
@@ -67,11 +105,32 @@ def _run_dir(cfg: TrainConfig, recipe: Recipe) -> Path:
     return cfg.output_dir / name[0]
 
 
+def _open_run_dir(cfg: TrainConfig, recipe: Recipe, run_dir: Path, world: int) -> bool:
+    """Create (or reuse) the run directory and write the provenance files; True if this start created it.
+    An output directory that is a file, read-only or immutable is a one-line error, not a traceback."""
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_provenance(run_dir, cfg, world, recipe.path)
+    except OSError as exc:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(
+            f"cannot write the run directory {run_dir} ({exc.strerror or exc}); pass a writable --output-dir "
+            f"(now {cfg.output_dir}) or free disk space"
+        ) from None
+    return created
+
+
 def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard" if cfg.logging.tensorboard else None,
         project_dir=run_dir,
+        # Accelerate compiles in `prepare`, after wrapping the model in DDP, so that compiled graphs break at
+        # DDP's bucket boundaries and overlap its all-reduces (DDPOptimizer); compiling first would hide the
+        # buckets from dynamo. None leaves it to the accelerate config (ACCELERATE_DYNAMO_BACKEND).
+        dynamo_backend="inductor" if cfg.compile else None,
     )
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         log.warning(
@@ -95,24 +154,55 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
     ckpt.write_weights(strip_prefixes(model.state_dict()), path, like=path.parent / "config.json")
 
 
+def _resume_hint(cfg: TrainConfig, run_dir: Path) -> str:
+    """How to resume this run: the same command finds its directory again only if its name does not change,
+    which a default name does outside SLURM (it holds the start time; under SLURM it is the job id)."""
+    if cfg.run_name is None and not os.environ.get("SLURM_JOB_ID"):
+        return f"rerun the same command with --run-name {run_dir.name} to resume"
+    return "rerun the same command to resume"
+
+
 def run(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     """Train (or test) one recipe configuration; returns the final evaluation metrics."""
-    run_dir = _run_dir(cfg, recipe)
     state = _process_state()
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    _check_launch(state)
+    run_dir = _run_dir(cfg, recipe)
+    created = agreed(lambda: _open_run_dir(cfg, recipe, run_dir, state.num_processes), main_only=True)
     setup_console(run_dir, state.is_main_process)
-    accelerator = _make_accelerator(cfg, run_dir)
+    accelerator, mlog, started = None, None, False
     try:
-        if accelerator.is_main_process:
-            write_provenance(run_dir, cfg, accelerator.num_processes, recipe.path)
+        accelerator = _make_accelerator(cfg, run_dir)
         if cfg.phase == "test":
             return _test(cfg, recipe, accelerator, run_dir)
-        return _train(cfg, recipe, accelerator, run_dir)
+        mlog = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
+        s = _setup(cfg, recipe, accelerator, run_dir, mlog)
+        started = True
+        return _train(cfg, s, accelerator, run_dir, mlog)
+    except UserError as exc:
+        # A start that failed before training leaves no run directory behind if it made one; otherwise (a failed
+        # resume, a failure while training) the error is in the run's train.log too.
+        if state.is_main_process and created and not started:
+            close_log_file()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif state.is_main_process:
+            record_error(
+                "another process failed (its error is on the console)"
+                if isinstance(exc, PeerFailed)
+                else str(exc)
+            )
+        raise
     finally:
+        preemption.uninstall()
+        if mlog is not None:
+            mlog.close()
+        _end(accelerator)
+
+
+def _end(accelerator: Accelerator | None) -> None:
+    if accelerator is not None:
         accelerator.end_training()
-        # Let another run start in this process (tests, sweeps) with a different configuration.
-        AcceleratorState._reset_state(reset_partial_state=False)
+    # Let another run start in this process (tests, sweeps) with a different configuration.
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _eval_data(cfg: TrainConfig, dataset: Any, accelerator: Accelerator) -> EvalData:
@@ -125,13 +215,19 @@ def _eval_data(cfg: TrainConfig, dataset: Any, accelerator: Accelerator) -> Eval
 
 def _test(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
     _seed(cfg)
-    model = recipe.build_model(cfg)
     assert cfg.weights is not None
-    load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
+
+    def build() -> tuple[torch.nn.Module, Any, EvalData]:
+        model = recipe.make_model(cfg)
+        load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
+        dataset = recipe.make_datasets(cfg).eval
+        return model, dataset, _eval_data(cfg, dataset, accelerator)
+
+    model, dataset, eval_data = agreed(build)
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    dataset = recipe.build_datasets(cfg).eval
-    eval_data = _eval_data(cfg, dataset, accelerator)
-    metrics, confusion = evaluate(accelerator.unwrap_model(model), eval_data, accelerator)
+    metrics, confusion = evaluate(
+        accelerator.unwrap_model(model, keep_torch_compile=False), eval_data, accelerator
+    )
     names = getattr(dataset, "classes", None)
     log.info(
         "test  %s: loss %.4f  accuracy %.4f  (%d samples)\n%s",
@@ -168,7 +264,8 @@ def _test(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: P
 class _Setup:
     """Everything the loop works with, built (and resumed) by `_setup`."""
 
-    model: Any  # prepared by Accelerate (DDP-wrapped under several processes)
+    model: Any  # prepared by Accelerate (DDP-wrapped under several processes, then compiled with --compile)
+    plain: torch.nn.Module  # the recipe's module itself: evaluation, best weights, EMA
     optimizer: Any
     scheduler: LambdaLR
     plateau: Plateau | None
@@ -183,17 +280,15 @@ class _Setup:
     meta: dict  # what every checkpoint records besides the tensors: fingerprint and config
 
 
-def _setup(
-    cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
-) -> _Setup:
+def _build(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator) -> tuple[Any, TrainData, EvalData]:
+    """The recipe's model and data. Every rank builds them from the same seed, so that a recipe that splits or
+    shuffles with the global RNG gets the same split on every rank; the ranks' RNGs part only afterwards."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     _seed(cfg)
-    model = recipe.build_model(cfg)
+    model = recipe.make_model(cfg)
     if cfg.weights is not None:
         load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
-    set_seed(cfg.seed, device_specific=True)  # dropout & co. differ between ranks; the init above did not
-
-    datasets = recipe.build_datasets(cfg)
+    datasets = recipe.make_datasets(cfg)
     plan = TrainPlan(len(datasets.train), cfg.data.batch_size, world, rank, cfg.data.drop_last)
     if plan.batches_per_epoch == 0:
         raise UserError(
@@ -204,7 +299,16 @@ def _setup(
     train_data = TrainData(
         source, plan, DeviceTransform(cfg.data, cfg.seed, device), cfg.seed, cfg.data.shuffle
     )
-    eval_data = _eval_data(cfg, datasets.eval, accelerator)
+    return model, train_data, _eval_data(cfg, datasets.eval, accelerator)
+
+
+def _setup(
+    cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
+) -> _Setup:
+    world, device = accelerator.num_processes, accelerator.device
+    model, train_data, eval_data = agreed(lambda: _build(cfg, recipe, accelerator))
+    set_seed(cfg.seed, device_specific=True)  # dropout & co. differ between ranks; the init above did not
+    plan = train_data.plan
     steps_per_epoch, total_steps = run_length(
         len(train_data), cfg.grad_accum_steps, cfg.max_epochs, cfg.max_steps
     )
@@ -223,8 +327,6 @@ def _setup(
         "global_batch": global_batch,
         "train_samples": plan.num_samples,
     }
-    if cfg.compile:
-        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     parameters, trainable = parameter_count(plain_model)
@@ -233,7 +335,6 @@ def _setup(
         "model: %s parameters (%s trainable), %s forward FLOPs per sample",
         human(parameters), human(trainable), human(flops),
     )  # fmt: skip
-    ema = EMA(plain_model, cfg.ema.decay, cfg.ema.warmup_steps) if cfg.ema.decay > 0 else None
 
     checkpointer = ckpt.Checkpointer(
         run_dir,
@@ -242,13 +343,17 @@ def _setup(
         cfg.checkpoint.tolerate_save_failures,
         async_save=cfg.checkpoint.async_save,
     )
-    resumed_from = ckpt.resolve_resume(cfg.resume, checkpointer)
-    state = _resume(resumed_from, cfg, model, optimizer, accelerator, fingerprint, ema)
-    if state.samples_in_epoch % plan.global_batch:
-        raise UserError(
-            f"the checkpoint stopped {state.samples_in_epoch} samples into an epoch, not a multiple of "
-            f"this run's global micro-batch {plan.global_batch}; keep --data.batch-size x processes"
-        )
+    # The main process alone picks and verifies the checkpoint and checks what changed; every rank loads it.
+    resumed_from, record = agreed(
+        lambda: _choose_checkpoint(cfg, checkpointer, fingerprint, plan), main_only=True
+    )
+    state = ckpt.TrainState()
+    if resumed_from is not None:
+        state = _load_checkpoint(resumed_from, record, cfg, model, optimizer, accelerator, plan)
+    # Built after the resume, from the resumed weights: an EMA switched on in a resumed run averages from there.
+    ema = EMA(plain_model, cfg.ema.decay, cfg.ema.warmup_steps) if cfg.ema.decay > 0 else None
+    if ema is not None and resumed_from is not None:
+        ckpt.load_ema(resumed_from, ema)
     plateau = None
     if cfg.schedule.decay == "plateau":
         watch_loss = cfg.schedule.plateau_metric == "loss"
@@ -268,8 +373,12 @@ def _setup(
         "parameters": parameters, "flops_per_sample": flops,
     })  # fmt: skip
     meta = {"fingerprint": fingerprint, "config": to_dict(cfg)}
-    return _Setup(model, optimizer, scheduler, plateau, ema, plan, train_data, eval_data, steps_per_epoch,
-                  total_steps, checkpointer, state, meta)  # fmt: skip
+    return _Setup(model, plain_model, optimizer, scheduler, plateau, ema, plan, train_data, eval_data,
+                  steps_per_epoch, total_steps, checkpointer, state, meta)  # fmt: skip
+
+
+def _format(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
 
 
 class _Evaluator:
@@ -289,20 +398,25 @@ class _Evaluator:
         cfg, s, state, acc = self.cfg, self.s, self.s.state, self.accelerator
         if self.step == state.step:
             return
-        self.last, _ = evaluate(acc.unwrap_model(s.model), s.eval_data, acc)
+        self.last, _ = evaluate(s.plain, s.eval_data, acc)
         if s.ema is not None:
             ema_eval, _ = evaluate(s.ema.model, s.eval_data, acc)
             self.last |= {f"ema_{k}": v for k, v in ema_eval.items() if k != "samples"}
         self.step = state.step
         epoch = state.epoch + state.samples_in_epoch / s.plan.num_samples
         value, previous_best = self.last[cfg.key_metric], state.best_value
-        improved = previous_best is None or self.sign * value > self.sign * previous_best
+        # NaN compares false with everything, so without the finiteness test a diverged run's NaN would be
+        # "better" than nothing and its weights would become best.safetensors. A non-finite loss disqualifies
+        # whatever the key metric: weights that give NaN logits still score an accuracy (of the argmax of NaN).
+        finite = math.isfinite(value) and math.isfinite(self.last["loss"])
+        improved = finite and (previous_best is None or self.sign * value > self.sign * previous_best)
         if improved:
             state.best_value, state.best_step = value, state.step
             if acc.is_main_process:
                 from_ema = s.ema is not None and cfg.key_metric.startswith("ema_")
-                _save_weights(s.ema.model if from_ema else acc.unwrap_model(s.model, keep_torch_compile=False),
-                              self.best_path)  # fmt: skip
+                _save_weights(s.ema.model if from_ema else s.plain, self.best_path)
+        elif not finite:
+            log.warning("WARNING: a non-finite evaluation at step %d does not count as the best", state.step)
         self.mlog.write("eval", state.step, epoch, {**self.last, "best_" + cfg.key_metric: state.best_value})
         acc.log({f"eval/{k}": v for k, v in self.last.items() if k != "samples"}, step=state.step)
         shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.last.items() if k != "samples")
@@ -314,9 +428,9 @@ class _Evaluator:
                 self.stop = True
                 log.info(
                     "early stopping at step %d: %s has not improved by more than %g for %d evaluations "
-                    "(best %.4f at step %s)",
+                    "(best %s at step %s)",
                     state.step, cfg.key_metric, cfg.early_stopping.min_delta, state.stale_evals,
-                    state.best_value, state.best_step,
+                    _format(state.best_value), state.best_step,
                 )  # fmt: skip
                 self.mlog.write("early_stop", state.step, epoch, {"stale_evals": state.stale_evals})
         if s.plateau is not None:
@@ -324,19 +438,27 @@ class _Evaluator:
             s.plateau.step(self.last["loss"] if cfg.schedule.plateau_metric == "loss" else value)
             state.plateau = s.plateau.state_dict()
             if s.plateau.scale != before:
+                # The next update (index state.step) already has its lr; a cut must apply to it, as it does
+                # when a run resumed from this step's checkpoint builds its scheduler.
+                reapply(s.scheduler)
                 log.info(
                     "plateau: lr multiplier %.3g -> %.3g at step %d", before, s.plateau.scale, state.step
                 )
 
 
 class _TrainLog:
-    """The training metrics of one logging interval: summed on the device, read back once at its end."""
+    """The training metrics of one logging interval: summed on the device, read back once at its end.
+
+    Step convention (TensorBoard and metrics.jsonl alike): a value logged at step N belongs to the N-th optimizer
+    update, the one that brought the step count to N; `train/lr` at N is the lr that update used, and
+    `train/loss` at N the mean loss of the updates since the previous logging step, up to and including N."""
 
     def __init__(self, cfg: TrainConfig, s: _Setup, accelerator: Accelerator, mlog: MetricsLog):
         self.cfg, self.s, self.accelerator, self.mlog = cfg, s, accelerator, mlog
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.grad_norm: torch.Tensor | None = None
-        self.lrs: list[tuple[int, float]] = []  # (step, lr) of every step of the interval
+        self.lrs: list[tuple[int, float]] = []  # (step, lr) of every update of the interval
+        self.skipped = 0  # updates the fp16 grad scaler skipped (inf/NaN gradients) in this interval
         tensorboard = accelerator.is_main_process and cfg.logging.tensorboard
         self.writer = accelerator.get_tracker("tensorboard", unwrap=True) if tensorboard else None
         self.paused = 0.0  # seconds spent evaluating and saving, left out of samples/s
@@ -351,10 +473,11 @@ class _TrainLog:
         self.start_time, self.paused = time.perf_counter() if now is None else now, 0.0
 
     def flush(self) -> None:
-        """Log the interval: the only host sync of the hot path."""
-        if not self.lrs:  # no step since the last flush
+        """Log the interval: the only host sync of the hot path. A non-finite loss stops the run here (unless
+        --no-stop-on-nonfinite), before anything of this step is evaluated or saved."""
+        state, acc, first = self.s.state, self.accelerator, self.start_step
+        if state.samples_seen == self.start_samples:  # nothing trained since the last flush
             return
-        state, acc = self.s.state, self.accelerator
         now = time.perf_counter()
         samples = state.samples_seen - self.start_samples
         loss = acc.reduce(self.loss_sum, "sum").item() / max(1, samples)
@@ -362,9 +485,14 @@ class _TrainLog:
         if self.grad_norm is not None:
             values["train/grad_norm"] = self.grad_norm.item()
         epoch = state.epoch + state.samples_in_epoch / self.s.plan.num_samples
-        self.mlog.write(
-            "train", state.step, epoch, {k[6:]: v for k, v in values.items()} | {"lr": self.lrs[-1][1]}
-        )
+        record = {k[6:]: v for k, v in values.items()}
+        if self.lrs:
+            record["lr"] = self.lrs[-1][1]
+        if self.skipped:
+            record["skipped_steps"] = self.skipped
+            log.warning("WARNING: the fp16 grad scaler skipped %d update(s) (inf/NaN gradients) before step %d",
+                        self.skipped, state.step)  # fmt: skip
+        self.mlog.write("train", state.step, epoch, record)
         if self.writer is not None:
             # Straight into the tracker's SummaryWriter: accelerator.log flushes the file on every call, which
             # would cost ~80 us for each step's lr instead of ~28.
@@ -372,12 +500,31 @@ class _TrainLog:
                 self.writer.add_scalar("train/lr", lr, step)
         acc.log(values, step=state.step)
         self.bar.update(state.step - self.start_step)
-        self.bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{self.lrs[-1][1]:.3g}", sps=f"{values['train/samples_per_s']:.0f}"
-        )
+        shown_lr = f"{self.lrs[-1][1]:.3g}" if self.lrs else "-"
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=shown_lr, sps=f"{values['train/samples_per_s']:.0f}")
         self.loss_sum.zero_()
         self.lrs.clear()
+        self.skipped = 0
         self._mark(now)  # the time spent logging counts towards the next interval
+        if not math.isfinite(loss):
+            self._nonfinite(loss, epoch, first)
+
+    def _nonfinite(self, loss: float, epoch: float, first: int) -> None:
+        state = self.s.state
+        message = (
+            f"training diverged: the training loss is {loss} at step {state.step} (mean since step {first})"
+        )
+        self.mlog.write("diverged", state.step, epoch, {"loss": loss})
+        if not self.cfg.stop_on_nonfinite:
+            log.warning("WARNING: %s; training goes on (--no-stop-on-nonfinite)", message)
+            return
+        if not self.accelerator.is_main_process:
+            raise PeerFailed(message)
+        raise TrainingDiverged(
+            f"{message}. Nothing of this step was saved; checkpoints after step {first} may "
+            f"hold non-finite weights. Lower --optim.lr (now {self.cfg.optim.lr:g}), clip with "
+            "--optim.grad-clip-norm, or pass --no-stop-on-nonfinite to train on"
+        )
 
     def timed(self, fn: Any) -> None:
         """Run `fn` (an evaluation or a save) with its time left out of samples/s."""
@@ -386,9 +533,13 @@ class _TrainLog:
         self.paused += time.perf_counter() - start
 
 
-def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
-    mlog = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
-    s = _setup(cfg, recipe, accelerator, run_dir, mlog)
+def _due(happened: bool, count: int, every: int) -> bool:
+    return happened and every > 0 and count % every == 0
+
+
+def _train(
+    cfg: TrainConfig, s: _Setup, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
+) -> dict[str, Any]:
     model, optimizer, plan, state = s.model, s.optimizer, s.plan, s.state
     if accelerator.is_main_process and cfg.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
@@ -409,8 +560,6 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
                 log.info("saved checkpoint step %d (%.2fs)", state.step, blocked)
 
     accum, world, micro_per_epoch = cfg.grad_accum_steps, accelerator.num_processes, len(s.train_data)
-    max_epochs = math.ceil(s.total_steps / s.steps_per_epoch)
-    start_batch = state.samples_in_epoch // plan.global_batch
     # Accelerate's optimizer wrapper only forwards step() and zero_grad() unless a grad scaler (fp16) is in use,
     # and doing so costs ~100 us per step on CPU (two is_lomo_available() import lookups and an inspect.signature
     # per call; benchmarks/loop_overhead.py): without a scaler, step the wrapped optimizer itself.
@@ -426,12 +575,18 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
             scales[value] = torch.tensor(value, device=accelerator.device)
         return scales[value]
 
+    def finished() -> bool:
+        # --max-steps counts optimizer updates; --max-epochs counts epochs (the same end unless fp16 skips steps).
+        if evaluator.stop:
+            return True
+        return state.step >= s.total_steps if cfg.max_steps is not None else state.epoch >= cfg.max_epochs
+
     preemption.install()
     stopped_by_signal = False
     model.train()
-    while state.step < s.total_steps and state.epoch < max_epochs and not evaluator.stop:
-        epoch, b = state.epoch, start_batch
-        for images, labels in s.train_data.epoch(epoch, start_batch):
+    while not finished() and not stopped_by_signal:
+        epoch, b = state.epoch, state.samples_in_epoch // plan.global_batch
+        for images, labels in s.train_data.epoch(epoch, b):
             window_start = b - b % accum
             window_end = min(window_start + accum, micro_per_epoch)
             sync = b + 1 == window_end
@@ -446,50 +601,56 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
             b += 1
             if not sync:
                 continue
+            lr = stepper.param_groups[0]["lr"]
             if cfg.optim.grad_clip_norm > 0:
                 train_log.grad_norm = accelerator.clip_grad_norm_(
                     model.parameters(), cfg.optim.grad_clip_norm
                 )
-            stepper.step()
-            stepper.zero_grad(set_to_none=True)
-            if s.ema is not None:
-                s.ema.update(state.step)
-            train_log.lrs.append((state.step, s.scheduler.get_last_lr()[0]))
-            s.scheduler.step()
-            state.step += 1
-            state.samples_in_epoch = min(b * plan.global_batch, plan.num_samples)
+            stepped = optimizer_step(stepper)
+            # The position first, then everything that reads it: an evaluation or a checkpoint of the epoch's
+            # last step must see the epoch as finished.
             state.samples_seen += window_samples
+            epoch_end = b == micro_per_epoch
+            state.epoch, state.samples_in_epoch = (
+                (epoch + 1, 0) if epoch_end else (epoch, b * plan.global_batch)
+            )
+            if stepped:
+                if s.ema is not None:
+                    s.ema.update(state.step)
+                s.scheduler.step()
+                state.step += 1
+                train_log.lrs.append((state.step, lr))
+            else:
+                train_log.skipped += 1
 
-            if state.step % cfg.logging.every_steps == 0 or state.step == s.total_steps:
+            if stepped and (state.step % cfg.logging.every_steps == 0 or state.step == s.total_steps):
                 train_log.flush()
-            if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
+            if _due(stepped, state.step, cfg.eval_every_steps) or _due(
+                epoch_end, state.epoch, cfg.eval_every_epochs
+            ):
                 train_log.timed(evaluator)
-            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+            if _due(stepped, state.step, cfg.checkpoint.every_steps) or _due(
+                epoch_end, state.epoch, cfg.checkpoint.every_epochs
+            ):
                 train_log.timed(save)
-            if preemption.stop_agreed(accelerator, state.step, cfg.preemption.check_every_steps):
+            if stepped and preemption.stop_agreed(accelerator, state.step, cfg.preemption.check_every_steps):
                 stopped_by_signal = True
                 break
-            if state.step >= s.total_steps or evaluator.stop:
+            if finished():
                 break
-        if b == micro_per_epoch:  # the epoch ran to its end (perhaps exactly at the step limit)
-            state.epoch, state.samples_in_epoch = epoch + 1, 0
-            if not stopped_by_signal and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
-                train_log.timed(evaluator)
-            if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
-                train_log.timed(save)
-        start_batch = 0
-        if stopped_by_signal:
-            break
     train_log.flush()  # the steps since the last logging step (a signal or early stopping came in between)
     train_log.bar.close()
 
     if stopped_by_signal:
         save()
         s.checkpointer.wait()  # the requeued job must find this checkpoint committed
-        log.info("stopped by a signal at step %d after saving; rerun the same command to resume", state.step)
-        preemption.requeue_after_save(accelerator, run_dir, state.step, cfg.preemption)
-        mlog.close()
-        return {"preempted": True, "step": state.step, "run_dir": str(run_dir)}
+        signal_name = preemption.received() or "a signal to another process"
+        log.info(
+            "stopped by %s at step %d after saving; %s", signal_name, state.step, _resume_hint(cfg, run_dir)
+        )
+        if signal_name != "SIGINT":  # Ctrl-C is the user's own stop: never requeued
+            preemption.requeue_after_save(accelerator, run_dir, state.step, cfg.preemption)
+        return {"preempted": True, "signal": signal_name, "step": state.step, "run_dir": str(run_dir)}
 
     evaluator()
     save()
@@ -499,27 +660,64 @@ def _train(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: 
     epoch = state.epoch + state.samples_in_epoch / plan.num_samples
     final = {**evaluator.last, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step}
     mlog.write("final", state.step, epoch, final)
-    mlog.close()
     log.info(
-        "done: step %d, final %s %.4f, best %.4f at step %s; run directory %s",
-        state.step, cfg.key_metric, evaluator.last[cfg.key_metric], state.best_value, state.best_step, run_dir,
+        "done: step %d, final %s %.4f, best %s at step %s; run directory %s",
+        state.step, cfg.key_metric, evaluator.last[cfg.key_metric], _format(state.best_value), state.best_step,
+        run_dir,
     )  # fmt: skip
     return {**evaluator.last, "best": state.best_value, "step": state.step, "run_dir": str(run_dir)}
 
 
-def _resume(
-    path: Path | None,
-    cfg: TrainConfig,
-    model: Any,
-    optimizer: Any,
-    accelerator: Accelerator,
-    fingerprint: dict,
-    ema: EMA | None = None,
-) -> ckpt.TrainState:
+def optimizer_step(stepper: Any) -> bool:
+    """Step and zero the gradients; False when the fp16 grad scaler skipped the update (inf/NaN gradients), which
+    then must not advance the schedule, the EMA or the step count. `stepper` is Accelerate's optimizer wrapper
+    when a scaler is in use (its step_was_skipped says so), else the plain optimizer, which never skips."""
+    stepper.step()
+    stepper.zero_grad(set_to_none=True)
+    return not getattr(stepper, "step_was_skipped", False)
+
+
+# ---- resume --------------------------------------------------------------------------------------------------
+# How a resume treats a setting that differs from the checkpoint's run (torchtune's field-by-field policy):
+# fields under these prefixes are applied from the resumed step on, each named in a warning; `seed` mid-epoch and
+# the key metric are refused unless --allow-resume-changes (the data order would change halfway through an epoch;
+# the best so far was measured in another metric); the model, optimizer and global batch are the fingerprint's.
+_APPLIED = ("optim.", "schedule.", "ema.", "early_stopping.", "max_epochs", "max_steps")
+_KEY_METRIC = ("key_metric", "key_metric_mode")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def _changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings of this run that differ from the checkpoint's run: {dotted name: (old, new)}."""
+    old, new = dict(_flat(saved)), dict(_flat(to_dict(cfg)))
+    return {k: (old.get(k), new[k]) for k in new if k in old and old[k] != new[k]}
+
+
+def _choose_checkpoint(
+    cfg: TrainConfig, checkpointer: ckpt.Checkpointer, fingerprint: dict, plan: TrainPlan
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its verified state.json, after checking that it fits this run."""
+    path = ckpt.resolve_resume(cfg.resume, checkpointer)
     if path is None:
-        return ckpt.TrainState()
+        return None, None
     record = ckpt.verify(path)
     problems = ckpt.check_compatible(record, fingerprint, path)
+    saved_state = record["state"]
+    changes = _changes(record["config"], cfg)
+    if "seed" in changes and _normalised(saved_state, plan)["samples_in_epoch"]:
+        problems.append(f"seed {changes['seed'][0]} -> {changes['seed'][1]} in the middle of an epoch (the data "
+                        "order of the rest of the epoch would change)")  # fmt: skip
+    for key in _KEY_METRIC:
+        if key in changes:
+            old, new = changes[key]
+            problems.append(f"{key} {old} -> {new} (the best so far was measured by the old one)")
     if problems and not cfg.allow_resume_changes:
         raise UserError(
             f"cannot resume from {path}: this run differs in what it trains:\n  "
@@ -528,8 +726,54 @@ def _resume(
         )
     for problem in problems:
         log.warning("WARNING: resuming despite a change (--allow-resume-changes): %s", problem)
-    ckpt.load(path, model, optimizer, accelerator.scaler, accelerator, ema=ema)
-    state = ckpt.TrainState(**record["state"])
+    applied = [
+        f"{k} {old} -> {new}"
+        for k, (old, new) in changes.items()
+        if k.startswith(_APPLIED) and k != "optim.name"
+    ]
+    if applied:
+        log.warning(
+            "WARNING: resuming with changed settings, applied from step %d on: %s",
+            saved_state["step"],
+            "; ".join(applied),
+        )
+    position = _normalised(saved_state, plan)["samples_in_epoch"]
+    if position % plan.global_batch:
+        raise UserError(
+            f"the checkpoint stopped {position} samples into an epoch, not a multiple of "
+            f"this run's global micro-batch {plan.global_batch}; keep --data.batch-size x processes"
+        )
+    return path, record
+
+
+def _normalised(saved: dict[str, Any], plan: TrainPlan) -> dict[str, Any]:
+    """The saved position with a finished epoch counted as finished: checkpoints written before the epoch
+    bookkeeping moved ahead of the saves recorded the last step of an epoch as `samples_in_epoch == num_samples`."""
+    if saved["samples_in_epoch"] >= plan.num_samples:
+        return {**saved, "epoch": saved["epoch"] + 1, "samples_in_epoch": 0}
+    return saved
+
+
+def _load_checkpoint(
+    path: Path,
+    record: dict,
+    cfg: TrainConfig,
+    model: Any,
+    optimizer: Any,
+    accelerator: Accelerator,
+    plan: TrainPlan,
+) -> ckpt.TrainState:
+    ckpt.load(path, model, optimizer, accelerator.scaler, accelerator, record)
+    # The optimizer's hyperparameters are this run's, not the checkpoint's: a changed lr, momentum, weight decay
+    # or betas takes effect (the loaded param_groups would otherwise win, silently). `initial_lr` is the peak the
+    # schedule multiplies.
+    fresh = build_optimizer([torch.zeros(1, requires_grad=True)], cfg.optim).param_groups[0]
+    for group in optimizer.param_groups:
+        group.update({k: v for k, v in fresh.items() if k != "params"}, initial_lr=cfg.optim.lr)
+    state = ckpt.TrainState(**_normalised(record["state"], plan))
+    if any(k in _changes(record["config"], cfg) for k in _KEY_METRIC):  # allowed, so the best starts over
+        state.best_value = state.best_step = None
+        state.stale_evals = 0
     if record["world_size"] != accelerator.num_processes:
         log.warning(
             "resuming a %d-process checkpoint on %d processes: the data position maps by samples seen "
@@ -552,7 +796,7 @@ def _resume(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "launcher.train RECIPE"
-    is_main = os.environ.get("RANK", "0") == "0"
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if not argv or argv[0].startswith("-"):
             from launcher.recipe import available_recipes
@@ -565,11 +809,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if argv and argv[0] in ("-h", "--help") else 2
         recipe = load_recipe(argv[0])
         cfg = parse_config(recipe, argv[1:], prog=f"launcher.train {argv[0]}")
-        result = run(cfg, recipe)
     except UserError as exc:
-        if is_main:
+        if rank == 0:  # the same recipe and flags on every rank: the same error; say it once
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        result = run(cfg, recipe)
+    except PeerFailed:
+        return 2  # the rank that failed said why
+    except UserError as exc:
+        # Only the ranks that failed get here, each saying so: a data path missing on one node names that rank.
+        print(f"{f'[rank {rank}] ' if world > 1 else ''}error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (during setup, or a second one)
+        print("interrupted", file=sys.stderr)
+        return preemption.EXIT_INTERRUPTED
+    if result.get("signal") == "SIGINT":
+        return preemption.EXIT_INTERRUPTED
     return preemption.EXIT_PREEMPTED if result.get("preempted") else 0
 
 

@@ -10,10 +10,13 @@ records every file-system call of one save, in order, with a Python audit hook (
 then forks one child per call and SIGKILLs the child right before it: each stage of the commit protocol is hit
 exactly, every time. For `midwrite` it SIGKILLs a child from outside while a file is half written. The test then
 examines what each dead child left behind. `fsize` saves under RLIMIT_FSIZE; `ranks` is one of two gloo processes.
+The test that kills a real training run mid-save has the save stop itself at a named point
+(LAUNCHER_TEST_PAUSE_AT, launcher.checkpoint.pause_point) and then SIGKILLs it: no polling race.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -84,7 +87,10 @@ def checkpointer(run: Path, accelerator: Accelerator, keep_last: int = 1, **kw: 
 def save(
     c: ckpt.Checkpointer, model: nn.Module, optimizer: Any, step: int, best_step: int | None = None
 ) -> bool:
-    return c.save(model, optimizer, None, ckpt.TrainState(step=step, best_step=best_step), META)
+    # A best step comes with its best value: a checkpoint with one and not the other does not verify.
+    best_value = None if best_step is None else 1.0 / (1 + best_step)
+    state = ckpt.TrainState(step=step, best_value=best_value, best_step=best_step)
+    return c.save(model, optimizer, None, state, META)
 
 
 def names(run: Path) -> list[str]:
@@ -163,6 +169,54 @@ def run_driver(mode: str, out: Path, *extra: str, timeout: int = 120) -> subproc
 
 def killed_by_sigkill(status: int) -> bool:
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, found by parent PID in /proc: also those in other sessions and process groups
+    (`accelerate launch` starts its workers in new sessions, where killpg of the launcher's group misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the command name may hold spaces
+        except (OSError, IndexError, ValueError):
+            continue  # it exited while we looked
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants, each by PID. They are stopped first, until no new one appears, so
+    that none starts another between the listing and the kill, and none is reparented out of sight when its
+    parent dies first."""
+    stopped: set[int] = set()
+    while new := ({pid} | descendants(pid)) - stopped:
+        for p in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+        stopped |= new
+    for p in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def wait_for_pause(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 120) -> dict[str, Any]:
+    """Wait until `proc` has stopped at its LAUNCHER_TEST_PAUSE_AT point (it writes `marker`, then sleeps until
+    killed); return the marker. Polling for the marker cannot race: the process stays where it is."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it paused:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            kill_tree(proc.pid)
+            raise AssertionError(f"the run never paused:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+    return json.loads(marker.read_text())
 
 
 def assert_recovers(
@@ -269,35 +323,47 @@ def test_sigkill_while_a_file_is_half_written(scratch, accelerator, launcher_log
         assert_recovers(run, accelerator, expected, 1, launcher_log)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_sigkill_of_a_training_run_during_a_save_then_resume_auto(scratch, mode):
-    """The real CLI: a training run saving every step is SIGKILLed while a checkpoint directory is being written
-    (with async_save, by the background thread while training goes on); the same command again resumes from the
-    newest valid checkpoint, removes the leftover and finishes."""
+@pytest.mark.parametrize(
+    ("mode", "file", "thread"),
+    [("sync", "optimizer.pt", "MainThread"), ("async", "model.safetensors", "ckpt-save")],
+)
+def test_sigkill_of_a_training_run_during_a_save_then_resume_auto(scratch, mode, file, thread):
+    """The real CLI: a training run saving every step is SIGKILLed while the directory of checkpoint 5 is being
+    written (with async_save, in the background thread while training goes on); the same command again resumes
+    from checkpoint 4, the newest valid one, removes the leftover and finishes. The save stops at that point by
+    itself (LAUNCHER_TEST_PAUSE_AT) and the kill follows: polling for `.tmp-step-*` instead could miss a save
+    that takes milliseconds on a tmpfs."""
     recipe = tiny_recipe(scratch)
     extra = ["--checkpoint.async-save"] if mode == "async" else []
     cmd = [*train_cmd(recipe, scratch, "--max-steps", "30", "--checkpoint.every-steps", "1", *extra)]
     ckdir = scratch / "r" / "checkpoints"
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, killed = time.time() + 120, None
-    while killed is None:
-        assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, "timed out waiting for a save in progress"
-        # A save after a few committed ones, caught while its directory is being written.
-        tmp = [p for p in ckdir.glob(".tmp-step-*") if int(p.name.rsplit("-", 1)[1]) >= 5]
-        if tmp:
-            proc.send_signal(signal.SIGKILL)
-            killed = tmp[0].name
-    proc.wait()
-    proc.stdout.close()
+    env = {**os.environ, "LAUNCHER_TEST_PAUSE_AT": f"written:{file}@5"}
+    # The default marker (in the run directory) once, a given path once.
+    marker = scratch / "r" / ckpt.PAUSE_MARKER if mode == "sync" else scratch / "paused.json"
+    if mode == "async":
+        env["LAUNCHER_TEST_PAUSE_MARKER"] = str(marker)
+    log = scratch / "killed-run.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads a pipe while the run is being waited for
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        paused = wait_for_pause(proc, marker, log)
+    finally:
+        if proc.poll() is None:  # never a PID that was already reaped, and may be someone else's by now
+            kill_tree(proc.pid)
+        proc.wait()
+    assert paused == {"point": "written", "file": file, "step": 5, "pid": proc.pid, "thread": thread}
     assert proc.returncode == -signal.SIGKILL
+    written = ["optimizer.pt", "rng-00000.pt"] + (["model.safetensors"] if mode == "async" else [])
+    assert sorted(p.name for p in (ckdir / ".tmp-step-00000005").iterdir()) == sorted(written)
     committed = sorted(p.name for p in ckdir.glob("step-*"))
-    assert committed, "no checkpoint was committed before the kill"
+    assert committed and committed[-1] == "step-00000004" and latest(scratch / "r") == "step-00000004"
     for name in committed:
         ckpt.verify(ckdir / name)
     leftovers = sorted(p.name for p in ckdir.glob(".tmp-*"))
+    assert leftovers == [".tmp-step-00000005"]
 
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LAUNCHER_TEST_PAUSE")}
+    result = subprocess.run(cmd, cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resumed from {ckdir / committed[-1]}" in result.stdout
     for name in leftovers:
@@ -305,6 +371,19 @@ def test_sigkill_of_a_training_run_during_a_save_then_resume_auto(scratch, mode)
     assert "done: step 30" in result.stdout
     assert not list(ckdir.glob(".tmp-*"))
     ckpt.verify(ckdir / "step-00000030")
+
+
+def test_pause_points_are_parsed_strictly():
+    """LAUNCHER_TEST_PAUSE_AT: a point, a file for `written`, a step; anything else is an error at import, not a
+    test that waits for a marker until its timeout."""
+    assert ckpt._pause_spec(None) is None and ckpt._pause_spec("") is None
+    assert ckpt._pause_spec("before-rename") == ("before-rename", None, None)
+    assert ckpt._pause_spec("written:optimizer.pt@5") == ("written", "optimizer.pt", 5)
+    assert ckpt._pause_spec("tmp-created@12") == ("tmp-created", None, 12)
+    for bad in ("before-renam", "before-rename:COMPLETE", "written@five", "written:optimizer.pt@-1"):
+        with pytest.raises(ValueError, match="expected POINT"):
+            ckpt._pause_spec(bad)
+    assert ckpt._PAUSE_AT is None  # never armed in the test process itself
 
 
 def test_two_processes_agree_when_one_fails_to_write(tmp_path):

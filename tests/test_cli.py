@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import REPO, TEST_RECIPES
 from launcher.cli import main as launcher_main
+from launcher.convert_ckpt import check_recipe
 from launcher.errors import UserError
 from launcher.recipe import load_recipe, parse_config
 from launcher.train import main as train_main
@@ -154,3 +156,208 @@ def test_launcher_help_and_unknown_command(capsys):
 def test_console_script_is_installed():
     out = subprocess.run(["launcher", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: launcher COMMAND" in out.stdout
+
+
+# ---- values that parse but make no sense: each is one line naming the flag and the valid range ------------------
+NONSENSE = [
+    ("--run-name", "../x"),
+    ("--run-name", "/abs"),
+    ("--run-name", "a/b"),
+    ("--run-name", "a\\b"),
+    ("--run-name", "."),
+    ("--run-name", ".."),
+    ("--run-name", ""),
+    ("--seed", "-1"),
+    ("--seed", str(2**32)),
+    ("--optim.lr", "nan"),
+    ("--optim.lr", "inf"),
+    ("--optim.momentum", "1"),
+    ("--optim.momentum", "-0.5"),
+    ("--optim.weight-decay", "-0.1"),
+    ("--optim.betas", "0.9", "1.0"),
+    ("--optim.betas", "-0.1", "0.999"),
+    ("--optim.eps", "-1e-8"),
+    ("--optim.grad-clip-norm", "-1"),
+    ("--optim.grad-clip-norm", "nan"),
+    ("--schedule.gamma", "-0.5"),
+    ("--schedule.gamma", "0"),
+    ("--schedule.gamma", "1.5"),
+    ("--schedule.step-size-epochs", "0"),
+    ("--schedule.step-size-epochs", "-2"),
+    ("--schedule.milestones-epochs", "-1", "2"),
+    ("--schedule.warmup-epochs", "-1"),
+    ("--schedule.warmup-steps", "-1"),
+    ("--schedule.warmup-start-factor", "1.5"),
+    ("--schedule.warmup-start-factor", "nan"),
+    ("--schedule.min-lr-factor", "nan"),
+    ("--schedule.min-lr-factor", "-0.1"),
+    ("--schedule.min-lr-factor", "1.5"),
+    ("--schedule.plateau-patience", "-1"),
+    ("--schedule.plateau-threshold", "-0.1"),
+    ("--eval-every-epochs", "-1"),
+    ("--eval-every-steps", "-1"),
+    ("--early-stopping.patience", "-1"),
+    ("--early-stopping.min-delta", "-0.1"),
+    ("--data.crop-padding", "-1"),
+    ("--data.num-workers", "-1"),
+    ("--data.std", "0"),
+    ("--data.mean", "nan"),
+    ("--checkpoint.every-steps", "-1"),
+    ("--checkpoint.every-epochs", "-1"),
+    ("--preemption.check-every-steps", "-1"),
+    ("--preemption.check-every-steps", "0"),
+    ("--preemption.max-requeues", "-1"),
+    ("--ema.decay", "nan"),
+    ("--ema.warmup-steps", "-1"),
+]
+
+
+@pytest.mark.parametrize("args", NONSENSE, ids=" ".join)
+def test_nonsense_values_are_one_line_naming_the_flag(args):
+    with pytest.raises(UserError) as exc:
+        parse(*args)
+    header, *problems = str(exc.value).splitlines()
+    assert header == "invalid configuration:"
+    assert len(problems) == 1 and problems[0].strip().startswith(args[0] + " must"), problems
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # torch: "Nesterov momentum requires a momentum and zero dampening" (the MNIST recipe sets --optim.nesterov)
+        (["--optim.momentum", "0"], "--optim.nesterov needs --optim.momentum above 0"),
+        # torch's ReduceLROnPlateau: "Factor should be < 1.0"
+        (["--schedule.decay", "plateau", "--schedule.gamma", "1"], "--schedule.gamma must be below 1 for"),
+        (["--schedule.warmup", "constant", "--schedule.warmup-start-factor", "0"], "constant warm-up"),
+        (["--optim.lr", "inf"], "--optim.lr must be a finite number (got inf)"),
+    ],
+)
+def test_nonsense_combinations_name_the_flags(args, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse(*args)
+
+
+def test_boundary_values_are_accepted():
+    cfg = parse(
+        *("--run-name", "mnist-lr0.1_v2", "--seed", str(2**32 - 1), "--optim.no-nesterov", "--optim.momentum", "0"),
+        *("--optim.eps", "0", "--optim.betas", "0", "0.999", "--schedule.gamma", "1", "--schedule.min-lr-factor", "1"),
+        *("--schedule.warmup-start-factor", "0", "--schedule.warmup-steps", "0", "--eval-every-epochs", "0"),
+        *("--checkpoint.every-epochs", "0", "--data.num-workers", "0", "--preemption.max-requeues", "0"),
+    )  # fmt: skip
+    assert (cfg.run_name, cfg.seed, cfg.schedule.gamma) == ("mnist-lr0.1_v2", 2**32 - 1, 1.0)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [*sorted((REPO / "recipes").glob("*.py")), TEST_RECIPES / "mlp.py", TEST_RECIPES / "faulty.py"],
+    ids=lambda p: p.name,
+)
+def test_every_recipe_default_is_valid(recipe):
+    parse_config(load_recipe(recipe), [], prog="test")
+
+
+def test_config_that_is_a_directory_or_not_utf8_names_the_file(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match=r"--config .*run is a directory; pass a config\.json"):
+        parse("--config", str(tmp_path / "run"))
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"is a directory; pass .*run/config\.json"):  # the one inside it
+        parse("--config", str(tmp_path / "run"))
+    (tmp_path / "latin1.json").write_bytes('{"run_name": "café"}'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"--config .*latin1\.json: not UTF-8 text"):
+        parse("--config", str(tmp_path / "latin1.json"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"--config .*list\.json: expected a JSON object"):
+        parse("--config", str(tmp_path / "list.json"))
+    assert train_main([str(MNIST_RECIPE), "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --config") and "Traceback" not in err
+
+
+# ---- recipes that misbehave: the error is the recipe's, labelled so, without the launcher's frames --------------
+def test_recipe_with_a_syntax_error_shows_its_file_line_and_caret(tmp_path, capsys):
+    recipe = tmp_path / "typo.py"
+    recipe.write_text(
+        "from launcher.config import TrainConfig\n\nconfig = TrainConfig()\ndef build_model(cfg)\n"
+    )
+    assert train_main([str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"recipe {recipe} has a syntax error" in err
+    assert f'File "{recipe}", line 4' in err and "def build_model(cfg)" in err and "^" in err
+    assert "SyntaxError" in err and "importlib" not in err and "<frozen" not in err
+
+
+def test_recipe_that_exits_while_loading_is_an_error_not_success(capsys):
+    assert train_main([str(TEST_RECIPES / "exits_on_import.py")]) == 2
+    err = capsys.readouterr().err
+    assert "exits_on_import.py called sys.exit(0) while loading (line 8)" in err
+    assert 'if __name__ == "__main__":' in err and "Traceback" not in err
+
+
+def run_faulty(tmp_path: Path, fault: str, *extra: str) -> int:
+    return train_main([str(TEST_RECIPES / "faulty.py"), "--fault", fault, "--output-dir", str(tmp_path),
+                       "--run-name", "r", "--logging.no-progress-bar", "--logging.no-tensorboard", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (
+            "model-raises",
+            ["faulty.py: build_model raised:\nTraceback", "in _layer_sizes", "KeyError: 'hidden-sizes'"],
+        ),
+        ("datasets-raise", ["faulty.py: build_datasets raised:\nTraceback", "RuntimeError: faulty recipe"]),
+    ],
+)
+def test_recipe_builder_that_raises_shows_the_recipes_traceback(tmp_path, capsys, fault, expected):
+    assert run_faulty(tmp_path, fault) == 2
+    err = capsys.readouterr().err
+    assert all(text in err for text in expected), err
+    # From the recipe's frame on: the launcher's frames above it are not the user's business.
+    assert "launcher/train.py" not in err and "launcher/recipe.py" not in err
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (
+            "model-not-module",
+            "faulty.py: build_model returned a dict, not a torch.nn.Module; return the model",
+        ),
+        ("model-exits", "faulty.py: build_model called sys.exit(3)"),
+        (
+            "datasets-wrong-type",
+            "faulty.py: build_datasets returned a tuple, not a launcher.recipe.Datasets; "
+            "return Datasets(train=..., eval=...)",
+        ),
+        (
+            "datasets-not-map-style",
+            "faulty.py: build_datasets returned a train set of type generator without "
+            "len(); return a map-style dataset (__len__ and __getitem__)",
+        ),
+        # The recipe's own UserError (missing data, say) is already the user's message: it passes unchanged.
+        (
+            "model-user-error",
+            "error: faulty recipe: no pretrained weights at /nowhere; pass --weights PATH\n",
+        ),
+    ],
+)
+def test_recipe_builder_that_returns_the_wrong_thing_is_one_line(tmp_path, capsys, fault, message):
+    assert run_faulty(tmp_path, fault) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_recipe_builders_are_checked_in_the_test_phase_and_the_other_commands(tmp_path, capsys):
+    assert (
+        run_faulty(tmp_path, "model-not-module", "--phase", "test", "--weights", str(tmp_path / "w.pt")) == 2
+    )
+    assert "build_model returned a dict" in capsys.readouterr().err
+    faulty = str(TEST_RECIPES / "faulty.py")
+    assert (
+        launcher_main(["plot-lr", faulty, "--fault", "datasets-wrong-type", "-o", str(tmp_path / "lr.png")])
+        == 2
+    )
+    assert "build_datasets returned a tuple" in capsys.readouterr().err
+    with pytest.raises(UserError, match="build_model returned a dict"):
+        check_recipe({}, [faulty, "--fault", "model-not-module"], None, "x.pt")

@@ -709,6 +709,24 @@ HOSTILE = {
         _safetensors({"a": {"dtype": "X9", "shape": [], "data_offsets": [0, 0]}}),
         "unknown dtype",
     ),
+    # Each of these gave a traceback (RecursionError, TypeError: unhashable, ValueError) or reached the library.
+    "nested-100k-deep": (_safetensors(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "nests deeper"),
+    "dtype-is-a-list": (
+        _safetensors({"a": {"dtype": ["F32"], "shape": [], "data_offsets": [0, 4]}}, bytes(4)),
+        "unknown dtype ['F32']",
+    ),
+    "dtype-is-an-object": (
+        _safetensors({"a": {"dtype": {"F32": 1}, "shape": [], "data_offsets": [0, 4]}}, bytes(4)),
+        "unknown dtype {'F32': 1}",
+    ),
+    "integer-of-5000-digits": (
+        _safetensors(b'{"a":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,1]}}', bytes(1)),
+        "header is not valid JSON",
+    ),
+    "bool-in-shape": (
+        _safetensors({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4)),
+        "is not a list of non-negative integers",
+    ),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -50,6 +51,7 @@ def stub_path(tmp_path: Path) -> Path:
         stubs,
         "scontrol",
         'if [ "$1 $2 $3" = "show hostnames node[3-5,7]" ]; then printf "node3\\nnode4\\nnode5\\nnode7\\n"; '
+        'elif [ "$1 $2 $3" = "show hostnames node[3-4]" ]; then printf "node3\\nnode4\\n"; '
         'else echo "scontrol stub: unexpected $*" >&2; exit 1; fi\n',
     )
     _stub(
@@ -148,6 +150,68 @@ def test_gpu_counts_and_ports() -> None:
     assert len(ports) == 50 and all(slurm.PORT_BASE <= p < 32768 for p in ports)  # below the ephemeral range
 
 
+# What SLURM 22.05 exports to the two tasks of `srun --ntasks-per-node=1` in `sbatch --nodes=2 --gpus=12
+# --gpus-per-node=0` (the 0 drops the template's --gpus-per-node=8, which sbatch would refuse beside --gpus) when it
+# splits the 12 GPUs 8 + 4: the job's count, the node's own count, and node 0's SLURM_JOB_GPUS on both nodes.
+UNEVEN_GPUS = [
+    {
+        "SLURM_GPUS": "12",
+        "SLURM_GPUS_PER_NODE": "0",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_JOB_GPUS": "0,1,2,3,4,5,6,7",
+        "SLURM_STEP_GPUS": "0,1,2,3,4,5,6,7",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+        "SLURM_TASKS_PER_NODE": "1(x2)",
+        "SLURM_JOB_CPUS_PER_NODE": "32(x2)",
+    },
+    {
+        "SLURM_GPUS": "12",
+        "SLURM_GPUS_PER_NODE": "0",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_JOB_GPUS": "0,1,2,3,4,5,6,7",
+        "SLURM_STEP_GPUS": "0,1,2,3",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3",
+        "SLURM_TASKS_PER_NODE": "1(x2)",
+        "SLURM_JOB_CPUS_PER_NODE": "32(x2)",
+    },
+]
+
+
+def test_uneven_gpus_per_node_start_each_nodes_share_of_one_job_total(stub_path: Path) -> None:
+    """8 + 4 GPUs: every node reports the job's 12 processes, and tells accelerate its own count. Accelerate starts
+    --num_processes // --num_machines processes on a node, so node 1 must say 2 x 4 (the job's 12 would start 6
+    on each node), and torchrun numbers the ranks by adding up the nodes' counts: 0-7 on node 0, 8-11 on node 1."""
+    for node, (gpus, own) in enumerate(zip(UNEVEN_GPUS, (8, 4), strict=True)):
+        env = _node_env(stub_path, node, SLURM_NNODES="2", SLURM_JOB_NODELIST="node[3-4]", **gpus)
+        plan = slurm.plan_from_env(env, hostnames=lambda nodes: ["node3", "node4"])
+        assert plan.num_processes == 12, f"node {node} counts {plan.num_processes} processes in the job"
+        assert (plan.processes_on_node, plan.machine_rank) == (own, node)
+        out = _launch(env, "recipes/mnist.py")
+        assert out.returncode == 0, out.stderr
+        report, accelerate = out.stdout.splitlines()[:2]
+        assert f"launcher.slurm: node {node} (" in report and f"{own} of 12 processes" in report
+        args = accelerate.split()[1:]
+        assert _flag(args, "--num_processes") == str(2 * own) and _flag(args, "--num_machines") == "2"
+        assert "--multi_gpu" in args
+
+
+def test_per_node_counts_read_slurms_compressed_lists(stub_path: Path) -> None:
+    assert slurm.expand_counts("2(x3),1") == [2, 2, 2, 1]
+    assert slurm.expand_counts("8(x2),4") == [8, 8, 4]
+    assert slurm.expand_counts("4") == [4]
+    with pytest.raises(slurm.UserError, match=r"X='2\(x\),1' is not"):
+        slurm.expand_counts("2(x),1", "X")
+    # LAUNCHER_PROCS_PER_NODE takes one count for every node, or one per node in SLURM's notation.
+    for node, own in enumerate([2, 2, 2, 1]):
+        env = _node_env(stub_path, node, LAUNCHER_CPU="1", LAUNCHER_PROCS_PER_NODE="2(x3),1")
+        plan = slurm.plan_from_env(env, hostnames=lambda nodes: ["node3", "node4", "node5", "node7"])
+        assert (plan.processes_on_node, plan.num_processes) == (own, 7)
+        assert _flag(slurm.accelerate_command(plan, ["r.py"]), "--num_processes") == str(4 * own)
+    env = _node_env(stub_path, 3, LAUNCHER_PROCS_PER_NODE="3", SLURM_GPUS_ON_NODE="8")
+    plan = slurm.plan_from_env(env, hostnames=lambda nodes: ["node3", "node4", "node5", "node7"])
+    assert (plan.processes_on_node, plan.num_processes) == (3, 12)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -159,6 +223,34 @@ def test_gpu_counts_and_ports() -> None:
         (
             {"SLURMD_NODENAME": "node5", "SLURM_GPUS_PER_NODE": "1"},
             "node node5 has SLURM_NODEID=0 but is host 2 of node[3-5,7]",
+        ),
+        # --gpus=N without the node's own share (SLURM_GPUS_ON_NODE): the nodes cannot know their counts.
+        (
+            {"SLURM_GPUS": "12", "SLURM_GPUS_PER_NODE": "0"},
+            "node 0 cannot tell how many of the job's 12 GPUs (SLURM_GPUS=12) it has: SLURM_GPUS_ON_NODE is not "
+            "set; ask for --gpus-per-node=N instead of --gpus",
+        ),
+        (
+            {"SLURM_GPUS": "12", "SLURM_GPUS_ON_NODE": "0"},
+            "node 0 has none of the job's 12 GPUs (SLURM_GPUS=12); ask for --gpus-per-node=N instead of --gpus",
+        ),
+        ({"SLURM_GPUS_ON_NODE": "four"}, "SLURM_GPUS_ON_NODE='four' is not a number"),
+        (
+            {"LAUNCHER_PROCS_PER_NODE": "2,1"},
+            "LAUNCHER_PROCS_PER_NODE=2,1 gives 2 counts for 4 nodes: give one count, or one per node (2(x3),1)",
+        ),
+        (
+            {"LAUNCHER_PROCS_PER_NODE": "2(x3),0"},
+            "LAUNCHER_PROCS_PER_NODE=2(x3),0: need at least one process",
+        ),
+        (
+            {"LAUNCHER_PROCS_PER_NODE": "two"},
+            "LAUNCHER_PROCS_PER_NODE='two' is not a count or a list of counts",
+        ),
+        (
+            {**UNEVEN_GPUS[0], "TORCH_ELASTIC_WORKER_IDENTICAL": "1"},
+            "TORCH_ELASTIC_WORKER_IDENTICAL=1 numbers the ranks as if every node ran 8 processes, but this job's "
+            "nodes run different numbers (8 here, 12 in all): unset it",
         ),
     ],
 )
@@ -184,6 +276,64 @@ def test_sweep_lines_skip_comments_and_name_the_array_range() -> None:
         slurm.sweep_overrides(text, 2)
     shipped = (REPO / "sweeps" / "lr.txt").read_text()
     assert slurm.sweep_overrides(shipped, 3) == ["--optim.lr", "0.3"]
+
+
+def _free_rendezvous_port() -> int:
+    """A port of launcher.slurm's range that is free here now."""
+    for port in random.Random().sample(range(slurm.PORT_BASE, slurm.PORT_BASE + slurm.PORT_SPAN), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in launcher.slurm's rendezvous range")
+
+
+@pytest.mark.slow
+def test_nodes_with_different_process_counts_train_as_one_job(tmp_path: Path) -> None:
+    """Two nodes' `launcher.slurm launch`, here on one machine, with the real accelerate and torchrun: with
+    LAUNCHER_PROCS_PER_NODE=2,1 node 0 starts 2 ranks and node 1 one, and the three train as one job of 3."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "scontrol", 'printf "localhost\\nlocalhost\\n"\n')
+    job = _free_rendezvous_port() - slurm.PORT_BASE + 7 * slurm.PORT_SPAN
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "SLURMD_", "LAUNCHER_", "TORCH"))
+        },
+        "PATH": f"{stubs}:{VENV_BIN}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": str(job),
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "local[1-2]",
+        "LAUNCHER_CPU": "1",
+        "LAUNCHER_PROCS_PER_NODE": "2,1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "launcher.slurm", "launch", *RECIPE_ARGS, "--max-steps", "4"]
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
+    procs = []
+    try:
+        for node, log in enumerate(logs):
+            with log.open("w") as out:
+                node_env = {**env, "SLURM_NODEID": str(node)}
+                procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=node_env, stdout=out, stderr=out))
+        for proc in procs:
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = [log.read_text() for log in logs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(t[-3000:] for t in text)
+    assert "2 of 3 processes" in text[0] and "1 of 3 processes" in text[1]
+    run_dir = tmp_path / "runs" / f"mnist-{job}"
+    assert json.loads((run_dir / "env.json").read_text())["processes"] == 3
+    (final,) = _records(run_dir / "metrics.jsonl", "final")
+    assert final["step"] == 4
 
 
 # ---- a real one-node SLURM cluster -------------------------------------------------------------------------------
@@ -436,7 +586,7 @@ def test_usr1_saves_requeues_resumes_and_matches_the_uninterrupted_run(
 
     (record,) = _records(requeues)
     assert record["job"] == job and record["requeued"] and record["signal"] == "SIGUSR1"
-    stopped = int(re.search(r"stopped by a signal at step (\d+)", log).group(1))
+    stopped = int(re.search(r"stopped by (?:a signal|SIGUSR1) at step (\d+)", log).group(1))
     assert 5 <= stopped < 60 and stopped == record["step"]
     assert re.search(rf"resumed from \S*/step-{stopped:08d} at step {stopped} ", log), log[-5000:]
     (final,) = _records(metrics, "final")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import MNIST
 
-from conftest import REPO, TEST_RECIPES, assert_same_tensors, final_weights, metrics, run_args, train
+from conftest import TEST_RECIPES, assert_same_tensors, final_weights, metrics, run_args, train
 from launcher.data import epoch_order
 from launcher.recipe import load_recipe
 
@@ -96,16 +96,27 @@ def test_bf16_forward_really_runs_in_bf16(tmp_path, mnist_root):
     assert {torch.float32} == sys.modules["launcher_recipe_mlp"].SEEN_DTYPES
 
 
-@pytest.mark.slow
-def test_bf16_reaches_the_fp32_accuracy(tmp_path, mnist_root):
-    """The recipe's defaults (3 epochs) in fp32 and in bf16 autocast."""
-    results = {}
+def test_bf16_training_tracks_fp32(tmp_path, mnist_root):
+    """One epoch of the MLP (250 steps) in fp32 and in bf16 autocast, same seed and data order: the Linear layers
+    really ran in bf16 (so the runs do differ), and bf16 tracks fp32: the same loss in the first 50 steps, the mean
+    training loss and the held-out accuracy close. The tolerances are about twice the largest differences
+    measured over seeds 0-5 on a CPU without native bf16 (first 50 steps 0.7%, mean loss 3.2%, accuracy 0.55
+    points, bf16 always the lower). The full-accuracy comparison, the CNN recipe's 3 epochs, is
+    `python -m benchmarks.bf16_accuracy` (docs/benchmarks.md): minutes with emulated bf16, too long for the suite."""
+    runs = {}
     for precision in ("no", "bf16"):
-        code = train(REPO / "recipes" / "mnist.py", "--data.root", mnist_root, "--output-dir", tmp_path,
-                     "--run-name", precision, "--mixed-precision", precision, "--logging.no-progress-bar")  # fmt: skip
-        assert code == 0
-        results[precision] = metrics(tmp_path / precision, "final")[0]["accuracy"]
-    assert results["bf16"] >= 0.975 and abs(results["bf16"] - results["no"]) <= 0.01, results
+        run_mlp(tmp_path, precision, mnist_root, "--mixed-precision", precision, "--max-epochs", "1",
+                "--logging.every-steps", "10")  # fmt: skip
+        seen = sys.modules["launcher_recipe_mlp"].SEEN_DTYPES
+        assert seen == ({torch.bfloat16} if precision == "bf16" else {torch.float32}), (precision, seen)
+        losses = [r["loss"] for r in metrics(tmp_path / precision, "train")]
+        assert len(losses) == 25
+        runs[precision] = (losses, metrics(tmp_path / precision, "final")[0]["accuracy"])
+    (fp32, fp32_accuracy), (bf16, bf16_accuracy) = runs["no"], runs["bf16"]
+    assert fp32 != bf16  # bf16 rounding changed something
+    assert sum(bf16[:5]) == pytest.approx(sum(fp32[:5]), rel=0.015)
+    assert sum(bf16) == pytest.approx(sum(fp32), rel=0.06)
+    assert fp32_accuracy >= 0.92 and abs(bf16_accuracy - fp32_accuracy) <= 0.01, runs
 
 
 def test_fp16_on_cpu_says_it_trains_in_fp32(tmp_path, mnist_root, capsys):
