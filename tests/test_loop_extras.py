@@ -101,7 +101,8 @@ def test_plateau_lowers_the_lr_of_a_real_run(tmp_path, mnist_root):
     # Evaluations at 10 (best), 20 (1 bad), 30 (2 bad > patience: halve). The lr at step N is the N-th update's:
     # the 30th ran before the evaluation of step 30, the 31st after it. (abs=0: pytest.approx's default absolute
     # tolerance, 1e-12, applies even beside rel= and would call 1e-12 and 0.5e-12 equal.)
-    assert lr[30] == pytest.approx(1e-12, rel=1e-9, abs=0) and lr[31] == pytest.approx(0.5e-12, rel=1e-9, abs=0)
+    exact = {"rel": 1e-9, "abs": 0}
+    assert lr[30] == pytest.approx(1e-12, **exact) and lr[31] == pytest.approx(0.5e-12, **exact)
 
 
 def test_ema_matches_a_hand_computed_average():
