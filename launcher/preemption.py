@@ -149,7 +149,7 @@ def requeue(
     <run>/requeues.jsonl and return the record (None outside SLURM, where there is nothing to requeue)."""
     job = slurm_job(env)
     if job is None:
-        log.info("not a SLURM job: nothing requeued; rerun the same command to resume")
+        log.info("not a SLURM job: nothing requeued")
         return None
     done = sum(1 for r in read_requeues(run_dir) if r.get("job") == job and r.get("requeued"))
     record: dict[str, Any] = {
@@ -189,8 +189,9 @@ def requeue(
 
 
 def requeue_after_save(accelerator: Any, run_dir: Path, step: int, cfg: PreemptionConfig) -> None:
-    """After the stop checkpoint: the main process requeues the job; every rank waits for that before exiting."""
-    if accelerator.is_main_process:
+    """After the stop checkpoint: the main process requeues the job, unless the stop was its own Ctrl-C (the
+    user's stop, never undone by a requeue); every rank waits for that before exiting."""
+    if accelerator.is_main_process and received() != "SIGINT":
         requeue(run_dir, step, cfg, received())
     # `srun --kill-on-bad-exit` ends the whole step when a node's processes exit with status 3; without this
     # barrier a node that finished its part of the save first could kill the main process before it requeues.

@@ -648,8 +648,7 @@ def _train(
         log.info(
             "stopped by %s at step %d after saving; %s", signal_name, state.step, _resume_hint(cfg, run_dir)
         )
-        if signal_name != "SIGINT":  # Ctrl-C is the user's own stop: never requeued
-            preemption.requeue_after_save(accelerator, run_dir, state.step, cfg.preemption)
+        preemption.requeue_after_save(accelerator, run_dir, state.step, cfg.preemption)
         return {"preempted": True, "signal": signal_name, "step": state.step, "run_dir": str(run_dir)}
 
     evaluator()

@@ -64,8 +64,8 @@ def test_two_process_mnist_run_leaves_one_run_directory_whose_metrics_the_test_p
         mnist_root,
         "--output-dir",
         tmp_path,
-        "--max-epochs",
-        "1",
+        "--max-steps",
+        "10",
         "--logging.no-progress-bar",
     )
     runs = list(tmp_path.iterdir())

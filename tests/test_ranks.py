@@ -110,33 +110,53 @@ def test_resume_chooses_the_checkpoint_once_and_equals_one_process_on_a_random_s
     assert two["samples"] == one["samples"] == 1 and two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
-def test_an_error_on_one_rank_is_reported_by_that_rank_and_stops_both(tmp_path, mnist_root, monkeypatch):
-    monkeypatch.setenv("SPLIT_MISSING_DATA_RANK", "1")
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, mnist_root) -> dict[str, tuple[subprocess.CompletedProcess, float, Path]]:
+    """Three launches that must stop with a message, run side by side (each is mostly imports, one core each):
+    a data path missing on rank 1 only, plain torchrun on CPU, and an accelerate config that selects FSDP."""
+    out = tmp_path_factory.mktemp("refused")
+    cpu = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    fsdp = accelerate_cmd(1, *run_args(MLP, out, "fsdp", mnist_root, "--max-steps", "5"))
+    fsdp.insert(fsdp.index("accelerate.commands.launch") + 1, "--use_fsdp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "launcher.train",
+                *map(str, run_args(MLP, out, "torchrun", mnist_root, "--max-steps", "5"))]  # fmt: skip
+    missing = accelerate_cmd(2, *run_args(SPLIT, out, "missing", mnist_root, "--max-steps", "5"))
+    launches = {
+        "missing": (missing, cpu | {"SPLIT_MISSING_DATA_RANK": "1"}),
+        "torchrun": (torchrun, {k: v for k, v in cpu.items() if k != "ACCELERATE_USE_CPU"}),
+        "fsdp": (fsdp, cpu),
+    }
     start = time.time()
-    result = accelerate_launch(2, *run_args(SPLIT, tmp_path, "x", mnist_root, "--max-steps", "5"), check=False,
-                               timeout=180)  # fmt: skip
+    procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name, (cmd, env) in launches.items()}  # fmt: skip
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), time.time() - start,
+                         out / name)  # fmt: skip
+    return results
+
+
+def test_an_error_on_one_rank_is_reported_by_that_rank_and_stops_both(refused):
+    result, seconds, run_dir = refused["missing"]
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "[rank 1] error: MNIST not found" in output, output[-3000:]
-    assert "[rank 0] error" not in output and time.time() - start < 120
-    assert not (tmp_path / "x").exists()  # a failed start leaves no run directory
+    assert (
+        "[rank 0] error" not in output and seconds < 180
+    )  # nobody waits for a collective's 30-minute timeout
+    assert not run_dir.exists()  # a failed start leaves no run directory
 
 
-def test_plain_torchrun_on_cpu_is_refused(tmp_path, mnist_root):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "launcher.train",
-           *map(str, run_args(MLP, tmp_path, "t", mnist_root, "--max-steps", "5"))]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+def test_plain_torchrun_on_cpu_is_refused(refused):
+    result, _, run_dir = refused["torchrun"]
     assert result.returncode != 0
     assert "2 processes were started (WORLD_SIZE=2) but they do not form one process group" in result.stderr
     assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu" in result.stderr
-    assert not (tmp_path / "t" / "checkpoints").exists()
+    assert not (run_dir / "checkpoints").exists()
 
 
-def test_an_fsdp_accelerate_config_is_refused(tmp_path, mnist_root):
-    cmd = accelerate_cmd(1, *run_args(MLP, tmp_path, "f", mnist_root, "--max-steps", "5"))
-    cmd.insert(cmd.index("accelerate.commands.launch") + 1, "--use_fsdp")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+def test_an_fsdp_accelerate_config_is_refused(refused):
+    result, _, _ = refused["fsdp"]
     assert result.returncode != 0
     assert (
         "the accelerate configuration selects FSDP, which this launcher does not drive yet" in result.stderr

@@ -80,13 +80,16 @@ def assert_same_optimizer(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("label", "extra", "kills"),
+    ("label", "steps", "extra", "kills"),
     [
-        # The MNIST recipe: batch-norm, dropout (RNG), random-crop augmentation, in-memory data, across epochs.
-        ("in-memory", ["--data.batch-size", "128"], [20, 70]),
-        # Accumulation windows of 3 (the kill lands mid-window); the DataLoader path with a worker process.
+        # The MNIST recipe: batch-norm, dropout (RNG), random-crop augmentation, in-memory data; 62 steps per epoch,
+        # so the kill lands in the second epoch.
+        ("in-memory", 80, ["--data.batch-size", "128"], [70]),
+        # Accumulation windows of 3 (the kill lands mid-window); the DataLoader path with a worker process; 42 steps
+        # per epoch, so the resumed run crosses the epoch boundary.
         (
             "loader+accum",
+            50,
             [
                 "--data.batch-size",
                 "64",
@@ -100,14 +103,14 @@ def assert_same_optimizer(a: Path, b: Path) -> None:
         ),
     ],
 )
-def test_killed_and_resumed_equals_straight(tmp_path, mnist_root, label, extra, kills):
+def test_killed_and_resumed_equals_straight(tmp_path, mnist_root, label, steps, extra, kills):
     common = [
         "--data.root",
         str(mnist_root),
         "--output-dir",
         str(tmp_path),
         "--max-steps",
-        "80",
+        str(steps),
         "--checkpoint.every-steps",
         "10",
         "--checkpoint.keep-last",
@@ -153,11 +156,11 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_back(tmp_path, mnist_roo
             str(batch),
         ]
 
-    accelerate_launch(1, *args("straight", 64))
+    assert train(*args("straight", 64)) == 0  # one process, in this one (as accelerate launch would run it)
     # 2 processes killed after step 20, resumed on 1 process.
     cmd = accelerate_cmd(2, *args("two-to-one", 32))
     kill_after_checkpoint(cmd, tmp_path / "two-to-one", 20, env={"ACCELERATE_USE_CPU": "1"})
-    accelerate_launch(1, *args("two-to-one", 64))
+    assert train(*args("two-to-one", 64)) == 0
     # 1 process stopped after step 20, resumed on 2 processes.
     cmd = [sys.executable, "-m", "launcher.train", *map(str, args("one-to-two", 64))]
     kill_after_checkpoint(cmd, tmp_path / "one-to-two", 20)
