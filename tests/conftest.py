@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +89,37 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
             )
         else:
             torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, found by parent PID in /proc: also those in other sessions and process groups
+    (`accelerate launch` starts its workers in new sessions, where killpg of the launcher's group misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the command name may hold spaces
+        except (OSError, IndexError, ValueError):
+            continue  # it exited while we looked
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants, each by PID. They are stopped first, until no new one appears, so
+    that none starts another between the listing and the kill, and none is reparented out of sight when its
+    parent dies first."""
+    stopped: set[int] = set()
+    while new := ({pid} | descendants(pid)) - stopped:
+        for p in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+        stopped |= new
+    for p in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)

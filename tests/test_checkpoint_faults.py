@@ -16,7 +16,6 @@ The test that kills a real training run mid-save has the save stop itself at a n
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -44,6 +43,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import kill_tree
 from launcher import checkpoint as ckpt
 from launcher.errors import CheckpointError
 
@@ -169,40 +169,6 @@ def run_driver(mode: str, out: Path, *extra: str, timeout: int = 120) -> subproc
 
 def killed_by_sigkill(status: int) -> bool:
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid`, found by parent PID in /proc: also those in other sessions and process groups
-    (`accelerate launch` starts its workers in new sessions, where killpg of the launcher's group misses them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the command name may hold spaces
-        except (OSError, IndexError, ValueError):
-            continue  # it exited while we looked
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and all its descendants, each by PID. They are stopped first, until no new one appears, so
-    that none starts another between the listing and the kill, and none is reparented out of sight when its
-    parent dies first."""
-    stopped: set[int] = set()
-    while new := ({pid} | descendants(pid)) - stopped:
-        for p in new:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGSTOP)
-        stopped |= new
-    for p in stopped:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
 
 
 def wait_for_pause(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 120) -> dict[str, Any]:

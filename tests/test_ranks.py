@@ -23,6 +23,7 @@ from conftest import (
     accelerate_cmd,
     accelerate_launch,
     assert_same_tensors,
+    descendants,
     final_weights,
     metrics,
     run_args,
@@ -36,11 +37,6 @@ pytestmark = pytest.mark.slow
 ARGS = ("--data.no-in-memory", "--data.num-workers", "0", "--split.eval-samples", "1", "--schedule.decay",
         "constant", "--checkpoint.every-steps", "10", "--checkpoint.keep-last", "3", "--checkpoint.every-epochs",
         "0", "--eval-every-epochs", "0", "--logging.every-steps", "10")  # fmt: skip
-
-
-def descendants(pid: int) -> list[int]:
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [d for c in map(int, children) for d in (c, *descendants(c))]
 
 
 def worker_of_rank(launcher_pid: int, rank: int) -> int:
