@@ -503,13 +503,31 @@ def _submit(cluster: Cluster, workdir: Path, *args: str, wait: bool = False) -> 
     """sbatch from `workdir` (logs/ and runs/ land there) with 2 CPU processes per node; (job id, exit status)."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     cluster.env.update(LAUNCHER_CPU="1", LAUNCHER_PROCS_PER_NODE="2")
-    result = cluster.run(
-        "sbatch", "--parsable", *(["--wait"] if wait else []), *args, cwd=workdir, check=False, timeout=600
-    )
+    result = cluster.run("sbatch", "--parsable", *args, cwd=workdir, check=False, timeout=600)
     job = result.stdout.strip().split(";")[0]
     if not job:
         raise AssertionError(f"sbatch failed: {result.stderr}")
-    return job, result.returncode
+    return job, (_wait_until_done(cluster, job) if wait else result.returncode)
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _wait_until_done(cluster: Cluster, job: str, timeout: float = 600) -> int:
+    """What `sbatch --wait` does (wait for every task of the job; the highest exit code), polling every 0.5 s:
+    sbatch polls after 2, 10 and 42 s, so a 15-second job kept a test waiting 42 s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = cluster.run("scontrol", "show", "job", "--oneliner", job, check=False).stdout
+        tasks = [
+            (re.search(r"JobState=(\S+)", line), re.search(r"ExitCode=(\d+):", line))
+            for line in out.splitlines()
+        ]
+        if tasks and all(state and code and state.group(1) in ENDED for state, code in tasks):
+            return max(int(code.group(1)) for _, code in tasks)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for job {job}:\n{out}")
+        time.sleep(0.5)
 
 
 def _log(workdir: Path) -> str:
