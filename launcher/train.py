@@ -709,8 +709,9 @@ def _choose_checkpoint(
     record = ckpt.verify(path)
     problems = ckpt.check_compatible(record, fingerprint, path)
     saved_state = record["state"]
+    position = _normalised(saved_state, plan)["samples_in_epoch"]
     changes = _changes(record["config"], cfg)
-    if "seed" in changes and _normalised(saved_state, plan)["samples_in_epoch"]:
+    if "seed" in changes and position:
         problems.append(f"seed {changes['seed'][0]} -> {changes['seed'][1]} in the middle of an epoch (the data "
                         "order of the rest of the epoch would change)")  # fmt: skip
     for key in _KEY_METRIC:
@@ -736,7 +737,6 @@ def _choose_checkpoint(
             saved_state["step"],
             "; ".join(applied),
         )
-    position = _normalised(saved_state, plan)["samples_in_epoch"]
     if position % plan.global_batch:
         raise UserError(
             f"the checkpoint stopped {position} samples into an epoch, not a multiple of "
