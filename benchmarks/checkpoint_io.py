@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.common import machine as base_machine
 from launcher import checkpoint as ckpt
-from launcher.checkpoint import fsync
+from launcher.checkpoint import format as ckpt_format
+from launcher.files import fsync
 
 
 def build(width: int, depth: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -169,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         sync_ckpt.save(model, optimizer, None, next_state(), meta)
 
     def launcher_load() -> None:
-        ckpt._verified.clear()  # a resume starts in a new process: nothing is verified yet
         path = ckpt.resolve_resume("auto", sync_ckpt)
         assert path is not None
         ckpt.load(path, model, optimizer, None, accelerator)
@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         train_steps(model, optimizer, args.train_steps)
 
     def crc32_pass() -> None:
-        with ThreadPoolExecutor(ckpt._hash_threads()) as pool:
+        with ThreadPoolExecutor(ckpt_format.hash_threads()) as pool:
             for path in [written["safetensors"]]:
                 size = path.stat().st_size
                 for off in range(0, size, ckpt.CHUNK_BYTES):
-                    pool.submit(ckpt._crc_chunk, path, off, min(ckpt.CHUNK_BYTES, size - off))
+                    pool.submit(ckpt_format.crc_chunk, path, off, min(ckpt.CHUNK_BYTES, size - off))
 
     def sha256_pass(threads: int) -> Callable[[], None]:
         def chunk(path: Path, off: int, n: int) -> str:
@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         f"train {args.train_steps} steps + sync save": steps_then_sync_save,
         f"async save + train {args.train_steps} steps + wait": async_save_then_steps,
         "checksum: crc32 (zlib), 1 thread": crc32_single,
-        f"checksum: crc32 ({ckpt.CRC32_IMPLEMENTATION}), {ckpt._hash_threads()} threads": crc32_pass,
+        f"checksum: crc32 ({ckpt_format.CRC32_IMPLEMENTATION}), {ckpt_format.hash_threads()} threads": crc32_pass,
         "checksum: sha256, 1 thread": sha256_pass(1),
-        f"checksum: sha256, {ckpt._hash_threads()} threads": sha256_pass(ckpt._hash_threads()),
+        f"checksum: sha256, {ckpt_format.hash_threads()} threads": sha256_pass(ckpt_format.hash_threads()),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     # The async variants' background write must not overlap the next variant's timing.
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{n} training steps without a save: {med[f'train {n} steps, no save']:.0f} ms")
     print(
-        f"checksum pass over the {nbytes / 1e6:.0f} MB file, page cache hot (launcher uses {ckpt.CRC32_IMPLEMENTATION}):"
+        f"checksum pass over the {nbytes / 1e6:.0f} MB file, page cache hot (launcher uses {ckpt_format.CRC32_IMPLEMENTATION}):"
     )
     for name in variants:
         if name.startswith("checksum"):

@@ -215,6 +215,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; lists become tuples so they compare and hash."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build the dataclass `cls` from `to_dict` output, strictly: unknown or mistyped entries name themselves."""
     hints = typing.get_type_hints(cls)

@@ -11,3 +11,8 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite (the run stops unless --no-stop-on-nonfinite)."""
+
+
+def listing(items: list[str], n: int = 6) -> str:
+    """The first `n` items of a list for an error message, and how many more there are."""
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")

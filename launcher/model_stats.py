@@ -25,9 +25,12 @@ def forward_flops(model: torch.nn.Module, sample: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}E"
+def human(n: float, unit: str = "") -> str:
+    """A count for people, with SI prefixes: human(1.2e6) = "1.2M"; with a unit, human(2_250_000, "B") = "2.25 MB"."""
+    prefixes = ("", "k", "M", "G", "T", "P", "E")
+    i = 0
+    while (
+        abs(n) >= 999.5 and i < len(prefixes) - 1
+    ):  # what rounds to 1000 at 3 digits is 1 of the next prefix
+        n, i = n / 1000, i + 1
+    return f"{n:.3g} {prefixes[i]}{unit}" if unit else f"{n:.3g}{prefixes[i]}"

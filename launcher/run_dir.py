@@ -9,7 +9,7 @@
     tensorboard/       event files (Accelerate's TensorBoard tracker)
     best.safetensors   the weights with the best key metric so far (clean keys)
     ema.safetensors    the final moving average of the weights (with --ema.decay)
-    requeues.jsonl     every SLURM requeue decision (launcher.preemption)
+    requeues.jsonl     every SLURM requeue decision (launcher.cluster.preemption)
     checkpoints/       resumable checkpoints (see launcher.checkpoint)
 """
 
@@ -25,11 +25,12 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from launcher.config import TrainConfig, save_json
 from launcher.errors import UserError
@@ -48,13 +49,14 @@ def default_run_name(recipe_name: str) -> str:
 
 
 def setup_console(run_dir: Path | None, is_main: bool) -> None:
-    """Console logging on the main process (warnings only elsewhere), mirrored into <run>/train.log."""
+    """Console logging on the main process (warnings only elsewhere), mirrored into <run>/train.log. Inside
+    `console()`, console lines are printed above the progress bar rather than into it."""
     log.handlers.clear()
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
-    console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(stdout)
     if run_dir is not None and is_main:
         file = _LogFile(run_dir / "train.log")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -67,8 +69,15 @@ class _LogFile(logging.FileHandler):
     """train.log. When it cannot be written any more (disk full, file made read-only), the console says so once
     and keeps everything; training goes on, instead of logging's own traceback on every line that follows."""
 
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]
+        self.failed = True  # also while `console()` has the handlers swapped, and after it puts them back
         log.removeHandler(self)
         logging.getLogger("py.warnings").removeHandler(self)
         with contextlib.suppress(OSError):
@@ -93,14 +102,12 @@ def record_error(message: str) -> None:
             )
 
 
-class _TqdmHandler(logging.Handler):
-    """Prints through tqdm.write, so log lines appear above the progress bar instead of inside it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stdout)
-        except Exception:
-            self.handleError(record)
+@contextlib.contextmanager
+def console() -> Iterator[None]:
+    """Log lines through tqdm.write while a progress bar may be shown, so that they appear above it instead of
+    inside it (tqdm's own `logging_redirect_tqdm`, on the launcher's logger and the warnings it captures)."""
+    with logging_redirect_tqdm([log, logging.getLogger("py.warnings")]):
+        yield
 
 
 def write_provenance(run_dir: Path, cfg: TrainConfig, world_size: int, recipe_path: Path) -> None:
@@ -185,7 +192,3 @@ class MetricsLog:
             with contextlib.suppress(OSError):  # what could not be written was reported by write()
                 self.file.close()
             self.file = None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

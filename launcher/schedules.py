@@ -9,8 +9,8 @@
 - After warm-up: constant 1; cosine from 1 at step W down to `min_lr_factor` at step `total`;
   step gamma ** (step // step_size); multistep gamma ** (milestones passed). Step and multi-step count from
   the start of training (so milestones read as "epoch 20, 40, 60"), cosine from the end of warm-up.
-- plateau: the one schedule that is not a function of the step. torch's ReduceLROnPlateau decides, at each
-  evaluation, whether to multiply the lr by gamma; its state is saved in checkpoints.
+- plateau: the one schedule that is not a function of the step. At each evaluation, ReduceLROnPlateau's rule
+  decides whether to multiply the lr by gamma; its state (three numbers) is saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR
 
 from launcher.config import ScheduleConfig
 
@@ -78,36 +77,44 @@ def lr_multiplier(step: int, steps: ScheduleSteps, cfg: ScheduleConfig) -> float
 
 
 class Plateau:
-    """ReduceLROnPlateau's decisions as a multiplier in [min_lr_factor, 1], on top of the warm-up.
+    """The plateau schedule's decisions as a multiplier in [min_lr_factor, 1], on top of the warm-up.
 
-    torch's scheduler runs on a one-parameter stand-in optimizer with lr 1, so its lr *is* the multiplier; the
-    real optimizer's lr stays owned by the LambdaLR, which multiplies the two.
+    torch's ReduceLROnPlateau rule on a number instead of an optimizer's lr (tests/test_loop_extras.py checks the
+    two agree step for step): an evaluation is an improvement when it beats the best so far by the relative
+    `plateau_threshold`; after more than `plateau_patience` evaluations without one, the multiplier is multiplied
+    by `gamma` (never below `min_lr_factor`). The real optimizer's lr stays owned by the LambdaLR, which
+    multiplies the two.
     """
 
     def __init__(self, cfg: ScheduleConfig, mode: str) -> None:
-        self._optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        self.scheduler = ReduceLROnPlateau(
-            self._optimizer,
-            mode=mode,
-            factor=cfg.gamma,
-            patience=cfg.plateau_patience,
-            threshold=cfg.plateau_threshold,
-            min_lr=cfg.min_lr_factor,
-        )
+        self.factor, self.patience, self.threshold = cfg.gamma, cfg.plateau_patience, cfg.plateau_threshold
+        self.min_scale, self.mode = cfg.min_lr_factor, mode
+        self.scale = 1.0
+        self.best = math.inf if mode == "min" else -math.inf
+        self.bad_evals = 0
 
-    @property
-    def scale(self) -> float:
-        return self._optimizer.param_groups[0]["lr"]
+    def _better(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best * (1.0 - self.threshold)
+        return value > self.best * (1.0 + self.threshold)
 
     def step(self, metric: float) -> None:
-        self.scheduler.step(metric)
+        value = float(metric)
+        if self._better(value):  # NaN is never better: it counts as an evaluation without improvement
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        if self.bad_evals > self.patience:
+            cut = max(self.scale * self.factor, self.min_scale)
+            if self.scale - cut > 1e-8:  # torch's eps: a cut smaller than this is ignored
+                self.scale = cut
+            self.bad_evals = 0
 
     def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "scale": self.scale}
+        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._optimizer.param_groups[0]["lr"] = state["scale"]
+        self.scale, self.best, self.bad_evals = state["scale"], state["best"], state["bad_evals"]
 
 
 def make_scheduler(

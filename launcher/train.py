@@ -13,8 +13,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +24,34 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
 from launcher import checkpoint as ckpt
-from launcher import preemption
-from launcher.config import OptimConfig, TrainConfig, to_dict
+from launcher import resume
+from launcher.checkpoint.state_dict import load_into, strip_prefixes
+from launcher.checkpoint.weights import read_weights, write_weights
+from launcher.cluster import preemption
+from launcher.config import TrainConfig, to_dict
 from launcher.data import DeviceTransform, EvalData, Source, TrainData, TrainPlan
 from launcher.ema import EMA
-from launcher.errors import TrainingDiverged, UserError
+from launcher.errors import UserError
 from launcher.evaluate import confusion_figure, evaluate, per_class_table
 from launcher.model_stats import forward_flops, human, parameter_count
+from launcher.optim import build_optimizer
+from launcher.progress import IntervalLog
 from launcher.ranks import PeerFailed, agreed
 from launcher.recipe import Recipe, load_recipe, parse_config
 from launcher.run_dir import (
     MetricsLog,
     close_log_file,
+    console,
     default_run_name,
     record_error,
     setup_console,
     write_provenance,
 )
 from launcher.schedules import Plateau, make_scheduler, reapply, run_length, schedule_steps
-from launcher.state_dict import load_into, read_weights, strip_prefixes
 
 log = logging.getLogger("launcher")
-
-
-def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-        )
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def _process_state() -> PartialState:
@@ -150,8 +142,8 @@ def _seed(cfg: TrainConfig) -> None:
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    """<run>/NAME.safetensors with clean keys (main process; the run directory's config.json gives the mode)."""
-    ckpt.write_weights(strip_prefixes(model.state_dict()), path, like=path.parent / "config.json")
+    """<run>/NAME.safetensors with clean keys (main process)."""
+    write_weights(strip_prefixes(model.state_dict()), path)
 
 
 def _resume_hint(cfg: TrainConfig, run_dir: Path) -> str:
@@ -175,9 +167,10 @@ def run(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
         if cfg.phase == "test":
             return _test(cfg, recipe, accelerator, run_dir)
         mlog = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
-        s = _setup(cfg, recipe, accelerator, run_dir, mlog)
+        training = _setup(cfg, recipe, accelerator, run_dir, mlog)
         started = True
-        return _train(cfg, s, accelerator, run_dir, mlog)
+        with console():
+            return _train(training)
     except UserError as exc:
         # A start that failed before training leaves no run directory behind if it made one; otherwise (a failed
         # resume, a failure while training) the error is in the run's train.log too.
@@ -260,26 +253,6 @@ def _test(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: P
     return metrics
 
 
-@dataclass
-class _Setup:
-    """Everything the loop works with, built (and resumed) by `_setup`."""
-
-    model: Any  # prepared by Accelerate (DDP-wrapped under several processes, then compiled with --compile)
-    plain: torch.nn.Module  # the recipe's module itself: evaluation, best weights, EMA
-    optimizer: Any
-    scheduler: LambdaLR
-    plateau: Plateau | None
-    ema: EMA | None
-    plan: TrainPlan
-    train_data: TrainData
-    eval_data: EvalData
-    steps_per_epoch: int
-    total_steps: int
-    checkpointer: ckpt.Checkpointer
-    state: ckpt.TrainState
-    meta: dict  # what every checkpoint records besides the tensors: fingerprint and config
-
-
 def _build(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator) -> tuple[Any, TrainData, EvalData]:
     """The recipe's model and data. Every rank builds them from the same seed, so that a recipe that splits or
     shuffles with the global RNG gets the same split on every rank; the ranks' RNGs part only afterwards."""
@@ -302,9 +275,50 @@ def _build(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator) -> tuple[
     return model, train_data, _eval_data(cfg, datasets.eval, accelerator)
 
 
+@dataclass
+class Run:
+    """One training run: what the loop works with, and where it is. `_setup` builds and resumes it; the loop, the
+    evaluation and the checkpointer read and advance its `state`, the one record of the position (step, epoch,
+    samples, best, plateau), which every checkpoint saves."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    dir: Path
+    mlog: MetricsLog
+    model: Any  # prepared by Accelerate (DDP-wrapped under several processes, then compiled with --compile)
+    plain: torch.nn.Module  # the recipe's module itself: evaluation, best weights, EMA
+    optimizer: Any
+    scheduler: LambdaLR
+    plateau: Plateau | None
+    ema: EMA | None
+    train_data: TrainData
+    eval_data: EvalData
+    total_steps: int
+    checkpointer: ckpt.Checkpointer
+    meta: dict  # what every checkpoint records besides the tensors: fingerprint and config
+    state: ckpt.TrainState
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last evaluation's metrics."""
+    evaluated_step: int = -1
+    """The step of the last evaluation (an evaluation due twice at one step runs once)."""
+    saved_step: int = -1
+    """The step of the last checkpoint of this run (the same step is never saved twice)."""
+    stop: str | None = None
+    """Why training ends before its last step: "early stopping" or "signal"."""
+
+    @property
+    def plan(self) -> TrainPlan:
+        return self.train_data.plan
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, as a fraction."""
+        return self.state.epoch + self.state.samples_in_epoch / self.plan.num_samples
+
+
 def _setup(
     cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
-) -> _Setup:
+) -> Run:
     world, device = accelerator.num_processes, accelerator.device
     model, train_data, eval_data = agreed(lambda: _build(cfg, recipe, accelerator))
     set_seed(cfg.seed, device_specific=True)  # dropout & co. differ between ranks; the init above did not
@@ -344,12 +358,10 @@ def _setup(
         async_save=cfg.checkpoint.async_save,
     )
     # The main process alone picks and verifies the checkpoint and checks what changed; every rank loads it.
-    resumed_from, record = agreed(
-        lambda: _choose_checkpoint(cfg, checkpointer, fingerprint, plan), main_only=True
-    )
+    resumed_from, record = agreed(lambda: resume.choose(cfg, checkpointer, fingerprint, plan), main_only=True)
     state = ckpt.TrainState()
     if resumed_from is not None:
-        state = _load_checkpoint(resumed_from, record, cfg, model, optimizer, accelerator, plan)
+        state = resume.load(resumed_from, record, cfg, model, optimizer, accelerator, plan)
     # Built after the resume, from the resumed weights: an EMA switched on in a resumed run averages from there.
     ema = EMA(plain_model, cfg.ema.decay, cfg.ema.warmup_steps) if cfg.ema.decay > 0 else None
     if ema is not None and resumed_from is not None:
@@ -373,197 +385,101 @@ def _setup(
         "parameters": parameters, "flops_per_sample": flops,
     })  # fmt: skip
     meta = {"fingerprint": fingerprint, "config": to_dict(cfg)}
-    return _Setup(model, plain_model, optimizer, scheduler, plateau, ema, plan, train_data, eval_data,
-                  steps_per_epoch, total_steps, checkpointer, state, meta)  # fmt: skip
+    return Run(cfg, accelerator, run_dir, mlog, model, plain_model, optimizer, scheduler, plateau, ema,
+               train_data, eval_data, total_steps, checkpointer, meta, state, saved_step=state.step)  # fmt: skip
 
 
 def _format(value: float | None) -> str:
     return "none" if value is None else f"{value:.4f}"
 
 
-class _Evaluator:
-    """Evaluation with its bookkeeping: best weights, early stopping, the plateau schedule, logs."""
-
-    def __init__(
-        self, cfg: TrainConfig, s: _Setup, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
-    ):
-        self.cfg, self.s, self.accelerator, self.mlog = cfg, s, accelerator, mlog
-        self.best_path = run_dir / "best.safetensors"
-        self.sign = 1.0 if cfg.key_metric_mode == "max" else -1.0
-        self.last: dict[str, Any] = {}
-        self.step = -1  # step of the last evaluation
-        self.stop = False  # early stopping triggered
-
-    def __call__(self) -> None:
-        cfg, s, state, acc = self.cfg, self.s, self.s.state, self.accelerator
-        if self.step == state.step:
-            return
-        self.last, _ = evaluate(s.plain, s.eval_data, acc)
-        if s.ema is not None:
-            ema_eval, _ = evaluate(s.ema.model, s.eval_data, acc)
-            self.last |= {f"ema_{k}": v for k, v in ema_eval.items() if k != "samples"}
-        self.step = state.step
-        epoch = state.epoch + state.samples_in_epoch / s.plan.num_samples
-        value, previous_best = self.last[cfg.key_metric], state.best_value
-        # NaN compares false with everything, so without the finiteness test a diverged run's NaN would be
-        # "better" than nothing and its weights would become best.safetensors. A non-finite loss disqualifies
-        # whatever the key metric: weights that give NaN logits still score an accuracy (of the argmax of NaN).
-        finite = math.isfinite(value) and math.isfinite(self.last["loss"])
-        improved = finite and (previous_best is None or self.sign * value > self.sign * previous_best)
-        if improved:
-            state.best_value, state.best_step = value, state.step
-            if acc.is_main_process:
-                from_ema = s.ema is not None and cfg.key_metric.startswith("ema_")
-                _save_weights(s.ema.model if from_ema else s.plain, self.best_path)
-        elif not finite:
-            log.warning("WARNING: a non-finite evaluation at step %d does not count as the best", state.step)
-        self.mlog.write("eval", state.step, epoch, {**self.last, "best_" + cfg.key_metric: state.best_value})
-        acc.log({f"eval/{k}": v for k, v in self.last.items() if k != "samples"}, step=state.step)
-        shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.last.items() if k != "samples")
-        log.info("eval  step %d epoch %.2f: %s%s", state.step, epoch, shown, "  (best)" if improved else "")
-        if cfg.early_stopping.patience:
-            gain = math.inf if previous_best is None else self.sign * (value - previous_best)
-            state.stale_evals = 0 if gain > cfg.early_stopping.min_delta else state.stale_evals + 1
-            if state.stale_evals >= cfg.early_stopping.patience:
-                self.stop = True
-                log.info(
-                    "early stopping at step %d: %s has not improved by more than %g for %d evaluations "
-                    "(best %s at step %s)",
-                    state.step, cfg.key_metric, cfg.early_stopping.min_delta, state.stale_evals,
-                    _format(state.best_value), state.best_step,
-                )  # fmt: skip
-                self.mlog.write("early_stop", state.step, epoch, {"stale_evals": state.stale_evals})
-        if s.plateau is not None:
-            before = s.plateau.scale
-            s.plateau.step(self.last["loss"] if cfg.schedule.plateau_metric == "loss" else value)
-            state.plateau = s.plateau.state_dict()
-            if s.plateau.scale != before:
-                # The next update (index state.step) already has its lr; a cut must apply to it, as it does
-                # when a run resumed from this step's checkpoint builds its scheduler.
-                reapply(s.scheduler)
-                log.info(
-                    "plateau: lr multiplier %.3g -> %.3g at step %d", before, s.plateau.scale, state.step
-                )
+def _evaluate(run: Run) -> None:
+    """Evaluate (once per step) and keep the books: best weights, early stopping, the plateau schedule, logs."""
+    cfg, state, acc = run.cfg, run.state, run.accelerator
+    if run.evaluated_step == state.step:
+        return
+    run.metrics, _ = evaluate(run.plain, run.eval_data, acc)
+    if run.ema is not None:
+        ema_eval, _ = evaluate(run.ema.model, run.eval_data, acc)
+        run.metrics |= {f"ema_{k}": v for k, v in ema_eval.items() if k != "samples"}
+    run.evaluated_step = state.step
+    sign = 1.0 if cfg.key_metric_mode == "max" else -1.0
+    value, previous_best = run.metrics[cfg.key_metric], state.best_value
+    # NaN compares false with everything, so without the finiteness test a diverged run's NaN would be "better"
+    # than nothing and its weights would become best.safetensors. A non-finite loss disqualifies whatever the key
+    # metric: weights that give NaN logits still score an accuracy (of the argmax of NaN).
+    finite = math.isfinite(value) and math.isfinite(run.metrics["loss"])
+    improved = finite and (previous_best is None or sign * value > sign * previous_best)
+    if improved:
+        state.best_value, state.best_step = value, state.step
+        if acc.is_main_process:
+            from_ema = run.ema is not None and cfg.key_metric.startswith("ema_")
+            _save_weights(run.ema.model if from_ema else run.plain, run.dir / "best.safetensors")
+    elif not finite:
+        log.warning("WARNING: a non-finite evaluation at step %d does not count as the best", state.step)
+    run.mlog.write("eval", state.step, run.epoch, {**run.metrics, "best_" + cfg.key_metric: state.best_value})
+    acc.log({f"eval/{k}": v for k, v in run.metrics.items() if k != "samples"}, step=state.step)
+    shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in run.metrics.items() if k != "samples")
+    log.info("eval  step %d epoch %.2f: %s%s", state.step, run.epoch, shown, "  (best)" if improved else "")
+    if cfg.early_stopping.patience:
+        gain = math.inf if previous_best is None else sign * (value - previous_best)
+        state.stale_evals = 0 if gain > cfg.early_stopping.min_delta else state.stale_evals + 1
+        if state.stale_evals >= cfg.early_stopping.patience:
+            run.stop = "early stopping"
+            log.info(
+                "early stopping at step %d: %s has not improved by more than %g for %d evaluations "
+                "(best %s at step %s)",
+                state.step, cfg.key_metric, cfg.early_stopping.min_delta, state.stale_evals,
+                _format(state.best_value), state.best_step,
+            )  # fmt: skip
+            run.mlog.write("early_stop", state.step, run.epoch, {"stale_evals": state.stale_evals})
+    if run.plateau is not None:
+        before = run.plateau.scale
+        run.plateau.step(run.metrics["loss"] if cfg.schedule.plateau_metric == "loss" else value)
+        state.plateau = run.plateau.state_dict()
+        if run.plateau.scale != before:
+            # The next update (index state.step) already has its lr; a cut must apply to it, as it does when a
+            # run resumed from this step's checkpoint builds its scheduler.
+            reapply(run.scheduler)
+            log.info("plateau: lr multiplier %.3g -> %.3g at step %d", before, run.plateau.scale, state.step)
 
 
-class _TrainLog:
-    """The training metrics of one logging interval: summed on the device, read back once at its end.
-
-    Step convention (TensorBoard and metrics.jsonl alike): a value logged at step N belongs to the N-th optimizer
-    update, the one that brought the step count to N; `train/lr` at N is the lr that update used, and
-    `train/loss` at N the mean loss of the updates since the previous logging step, up to and including N."""
-
-    def __init__(self, cfg: TrainConfig, s: _Setup, accelerator: Accelerator, mlog: MetricsLog):
-        self.cfg, self.s, self.accelerator, self.mlog = cfg, s, accelerator, mlog
-        self.loss_sum = torch.zeros((), device=accelerator.device)
-        self.grad_norm: torch.Tensor | None = None
-        self.lrs: list[tuple[int, float]] = []  # (step, lr) of every update of the interval
-        self.skipped = 0  # updates the fp16 grad scaler skipped (inf/NaN gradients) in this interval
-        tensorboard = accelerator.is_main_process and cfg.logging.tensorboard
-        self.writer = accelerator.get_tracker("tensorboard", unwrap=True) if tensorboard else None
-        self.paused = 0.0  # seconds spent evaluating and saving, left out of samples/s
-        self.bar = tqdm(
-            total=s.total_steps, initial=s.state.step, dynamic_ncols=True, desc="train",
-            disable=not (accelerator.is_main_process and cfg.logging.progress_bar),
-        )  # fmt: skip
-        self._mark()
-
-    def _mark(self, now: float | None = None) -> None:
-        self.start_step, self.start_samples = self.s.state.step, self.s.state.samples_seen
-        self.start_time, self.paused = time.perf_counter() if now is None else now, 0.0
-
-    def flush(self) -> None:
-        """Log the interval: the only host sync of the hot path. A non-finite loss stops the run here (unless
-        --no-stop-on-nonfinite), before anything of this step is evaluated or saved."""
-        state, acc, first = self.s.state, self.accelerator, self.start_step
-        if state.samples_seen == self.start_samples:  # nothing trained since the last flush
-            return
-        now = time.perf_counter()
-        samples = state.samples_seen - self.start_samples
-        loss = acc.reduce(self.loss_sum, "sum").item() / max(1, samples)
-        values = {"train/loss": loss, "train/samples_per_s": samples / (now - self.start_time - self.paused)}
-        if self.grad_norm is not None:
-            values["train/grad_norm"] = self.grad_norm.item()
-        epoch = state.epoch + state.samples_in_epoch / self.s.plan.num_samples
-        record = {k[6:]: v for k, v in values.items()}
-        if self.lrs:
-            record["lr"] = self.lrs[-1][1]
-        if self.skipped:
-            record["skipped_steps"] = self.skipped
-            log.warning("WARNING: the fp16 grad scaler skipped %d update(s) (inf/NaN gradients) before step %d",
-                        self.skipped, state.step)  # fmt: skip
-        self.mlog.write("train", state.step, epoch, record)
-        if self.writer is not None:
-            # Straight into the tracker's SummaryWriter: accelerator.log flushes the file on every call, which
-            # would cost ~80 us for each step's lr instead of ~28.
-            for step, lr in self.lrs if self.cfg.logging.lr_every_step else self.lrs[-1:]:
-                self.writer.add_scalar("train/lr", lr, step)
-        acc.log(values, step=state.step)
-        self.bar.update(state.step - self.start_step)
-        shown_lr = f"{self.lrs[-1][1]:.3g}" if self.lrs else "-"
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=shown_lr, sps=f"{values['train/samples_per_s']:.0f}")
-        self.loss_sum.zero_()
-        self.lrs.clear()
-        self.skipped = 0
-        self._mark(now)  # the time spent logging counts towards the next interval
-        if not math.isfinite(loss):
-            self._nonfinite(loss, epoch, first)
-
-    def _nonfinite(self, loss: float, epoch: float, first: int) -> None:
-        state = self.s.state
-        message = (
-            f"training diverged: the training loss is {loss} at step {state.step} (mean since step {first})"
-        )
-        self.mlog.write("diverged", state.step, epoch, {"loss": loss})
-        if not self.cfg.stop_on_nonfinite:
-            log.warning("WARNING: %s; training goes on (--no-stop-on-nonfinite)", message)
-            return
-        if not self.accelerator.is_main_process:
-            raise PeerFailed(message)
-        raise TrainingDiverged(
-            f"{message}. Nothing of this step was saved; checkpoints after step {first} may "
-            f"hold non-finite weights. Lower --optim.lr (now {self.cfg.optim.lr:g}), clip with "
-            "--optim.grad-clip-norm, or pass --no-stop-on-nonfinite to train on"
-        )
-
-    def timed(self, fn: Any) -> None:
-        """Run `fn` (an evaluation or a save) with its time left out of samples/s."""
-        start = time.perf_counter()
-        fn()
-        self.paused += time.perf_counter() - start
+def _save(run: Run) -> None:
+    """A checkpoint of the current step, unless this run saved it already."""
+    state = run.state
+    if run.saved_step == state.step and run.checkpointer.list():
+        return
+    run.saved_step, start = state.step, time.perf_counter()
+    if run.checkpointer.save(run.model, run.optimizer, run.accelerator.scaler, state, run.meta, ema=run.ema):
+        blocked = time.perf_counter() - start
+        if run.cfg.checkpoint.async_save:  # the checkpointer logs the commit itself
+            log.info("checkpoint step %d: writing in the background (blocked %.2fs)", state.step, blocked)
+        else:
+            log.info("saved checkpoint step %d (%.2fs)", state.step, blocked)
 
 
 def _due(happened: bool, count: int, every: int) -> bool:
     return happened and every > 0 and count % every == 0
 
 
-def _train(
-    cfg: TrainConfig, s: _Setup, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
-) -> dict[str, Any]:
-    model, optimizer, plan, state = s.model, s.optimizer, s.plan, s.state
+def _finished(run: Run) -> bool:
+    # --max-steps counts optimizer updates; --max-epochs counts epochs (the same end unless fp16 skips steps).
+    if run.stop is not None:
+        return True
+    state, cfg = run.state, run.cfg
+    return state.step >= run.total_steps if cfg.max_steps is not None else state.epoch >= cfg.max_epochs
+
+
+def _train(run: Run) -> dict[str, Any]:
+    cfg, accelerator, model, plan, state = run.cfg, run.accelerator, run.model, run.plan, run.state
     if accelerator.is_main_process and cfg.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
-    evaluator = _Evaluator(cfg, s, accelerator, run_dir, mlog)
-    train_log = _TrainLog(cfg, s, accelerator, mlog)
-    saved_step = state.step
-
-    def save() -> None:
-        nonlocal saved_step
-        if saved_step == state.step and s.checkpointer.list():
-            return
-        saved_step, start = state.step, time.perf_counter()
-        if s.checkpointer.save(model, optimizer, accelerator.scaler, state, s.meta, ema=s.ema):
-            blocked = time.perf_counter() - start
-            if cfg.checkpoint.async_save:  # the checkpointer logs the commit itself
-                log.info("checkpoint step %d: writing in the background (blocked %.2fs)", state.step, blocked)
-            else:
-                log.info("saved checkpoint step %d (%.2fs)", state.step, blocked)
-
-    accum, world, micro_per_epoch = cfg.grad_accum_steps, accelerator.num_processes, len(s.train_data)
+    interval = IntervalLog(cfg, state, plan.num_samples, run.total_steps, accelerator, run.mlog)
+    accum, world, micro_per_epoch = cfg.grad_accum_steps, accelerator.num_processes, len(run.train_data)
     # Accelerate's optimizer wrapper only forwards step() and zero_grad() unless a grad scaler (fp16) is in use,
     # and doing so costs ~100 us per step on CPU (two is_lomo_available() import lookups and an inspect.signature
     # per call; benchmarks/loop_overhead.py): without a scaler, step the wrapped optimizer itself.
-    stepper = optimizer if accelerator.scaler is not None else optimizer.optimizer
+    stepper = run.optimizer if accelerator.scaler is not None else run.optimizer.optimizer
     # For the same reason, backward: accelerator.backward adds a division by its accumulation steps (always 1:
     # the loop scales losses itself) to what a scaler needs. The scale enters as backward's incoming gradient,
     # one cached tensor per distinct value, instead of a multiplication and its autograd node per step.
@@ -575,37 +491,28 @@ def _train(
             scales[value] = torch.tensor(value, device=accelerator.device)
         return scales[value]
 
-    def finished() -> bool:
-        # --max-steps counts optimizer updates; --max-epochs counts epochs (the same end unless fp16 skips steps).
-        if evaluator.stop:
-            return True
-        return state.step >= s.total_steps if cfg.max_steps is not None else state.epoch >= cfg.max_epochs
-
     preemption.install()
-    stopped_by_signal = False
     model.train()
-    while not finished() and not stopped_by_signal:
+    while not _finished(run):
         epoch, b = state.epoch, state.samples_in_epoch // plan.global_batch
-        for images, labels in s.train_data.epoch(epoch, b):
+        for images, labels in run.train_data.epoch(epoch, b):
             window_start = b - b % accum
             window_end = min(window_start + accum, micro_per_epoch)
             sync = b + 1 == window_end
-            # Normalise by the samples of the whole window on all processes, times the process count that
-            # DDP's averaging divides by: the gradient is the mean over the global batch, also for the shorter
-            # last window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
+            # Normalise by the samples of the whole window on all processes, times the process count that DDP's
+            # averaging divides by: the gradient is the mean over the global batch, also for the shorter last
+            # window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
             window_samples = sum(plan.global_count(i) for i in range(window_start, window_end))
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss = F.cross_entropy(model(images), labels, reduction="sum")
                 backward(loss, gradient=loss_scale(world / window_samples))
-            train_log.loss_sum += loss.detach()
+            interval.loss_sum += loss.detach()
             b += 1
             if not sync:
                 continue
             lr = stepper.param_groups[0]["lr"]
             if cfg.optim.grad_clip_norm > 0:
-                train_log.grad_norm = accelerator.clip_grad_norm_(
-                    model.parameters(), cfg.optim.grad_clip_norm
-                )
+                interval.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
             stepped = optimizer_step(stepper)
             # The position first, then everything that reads it: an evaluation or a checkpoint of the epoch's
             # last step must see the epoch as finished.
@@ -615,56 +522,60 @@ def _train(
                 (epoch + 1, 0) if epoch_end else (epoch, b * plan.global_batch)
             )
             if stepped:
-                if s.ema is not None:
-                    s.ema.update(state.step)
-                s.scheduler.step()
+                if run.ema is not None:
+                    run.ema.update(state.step)
+                run.scheduler.step()
                 state.step += 1
-                train_log.lrs.append((state.step, lr))
+                interval.lrs.append((state.step, lr))
             else:
-                train_log.skipped += 1
+                interval.skipped += 1
 
-            if stepped and (state.step % cfg.logging.every_steps == 0 or state.step == s.total_steps):
-                train_log.flush()
+            if stepped and (state.step % cfg.logging.every_steps == 0 or state.step == run.total_steps):
+                interval.flush()
             if _due(stepped, state.step, cfg.eval_every_steps) or _due(
                 epoch_end, state.epoch, cfg.eval_every_epochs
             ):
-                train_log.timed(evaluator)
+                interval.timed(lambda: _evaluate(run))
             if _due(stepped, state.step, cfg.checkpoint.every_steps) or _due(
                 epoch_end, state.epoch, cfg.checkpoint.every_epochs
             ):
-                train_log.timed(save)
+                interval.timed(lambda: _save(run))
             if stepped and preemption.stop_agreed(accelerator, state.step, cfg.preemption.check_every_steps):
-                stopped_by_signal = True
+                run.stop = "signal"
+            if _finished(run):
                 break
-            if finished():
-                break
-    train_log.flush()  # the steps since the last logging step (a signal or early stopping came in between)
-    train_log.bar.close()
+    interval.flush()  # the steps since the last logging step (a signal or early stopping came in between)
+    interval.bar.close()
+    return _stopped(run) if run.stop == "signal" else _finish(run)
 
-    if stopped_by_signal:
-        save()
-        s.checkpointer.wait()  # the requeued job must find this checkpoint committed
-        signal_name = preemption.received() or "a signal to another process"
-        log.info(
-            "stopped by %s at step %d after saving; %s", signal_name, state.step, _resume_hint(cfg, run_dir)
-        )
-        preemption.requeue_after_save(accelerator, run_dir, state.step, cfg.preemption)
-        return {"preempted": True, "signal": signal_name, "step": state.step, "run_dir": str(run_dir)}
 
-    evaluator()
-    save()
-    s.checkpointer.wait()
-    if s.ema is not None and accelerator.is_main_process:
-        _save_weights(s.ema.model, run_dir / "ema.safetensors")
-    epoch = state.epoch + state.samples_in_epoch / plan.num_samples
-    final = {**evaluator.last, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step}
-    mlog.write("final", state.step, epoch, final)
+def _stopped(run: Run) -> dict[str, Any]:
+    """After a stop signal: save this step, wait for the commit, requeue under SLURM."""
+    _save(run)
+    run.checkpointer.wait()  # the requeued job must find this checkpoint committed
+    signal_name = preemption.received() or "a signal to another process"
+    step = run.state.step
+    log.info("stopped by %s at step %d after saving; %s", signal_name, step, _resume_hint(run.cfg, run.dir))
+    preemption.requeue_after_save(run.accelerator, run.dir, step, run.cfg.preemption)
+    return {"preempted": True, "signal": signal_name, "step": step, "run_dir": str(run.dir)}
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    """At the end: the final evaluation and checkpoint, the EMA weights, the final record."""
+    cfg, state = run.cfg, run.state
+    _evaluate(run)
+    _save(run)
+    run.checkpointer.wait()
+    if run.ema is not None and run.accelerator.is_main_process:
+        _save_weights(run.ema.model, run.dir / "ema.safetensors")
+    final = {**run.metrics, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step}
+    run.mlog.write("final", state.step, run.epoch, final)
     log.info(
         "done: step %d, final %s %.4f, best %s at step %s; run directory %s",
-        state.step, cfg.key_metric, evaluator.last[cfg.key_metric], _format(state.best_value), state.best_step,
-        run_dir,
+        state.step, cfg.key_metric, run.metrics[cfg.key_metric], _format(state.best_value), state.best_step,
+        run.dir,
     )  # fmt: skip
-    return {**evaluator.last, "best": state.best_value, "step": state.step, "run_dir": str(run_dir)}
+    return {**run.metrics, "best": state.best_value, "step": state.step, "run_dir": str(run.dir)}
 
 
 def optimizer_step(stepper: Any) -> bool:
@@ -674,122 +585,6 @@ def optimizer_step(stepper: Any) -> bool:
     stepper.step()
     stepper.zero_grad(set_to_none=True)
     return not getattr(stepper, "step_was_skipped", False)
-
-
-# ---- resume --------------------------------------------------------------------------------------------------
-# How a resume treats a setting that differs from the checkpoint's run (torchtune's field-by-field policy):
-# fields under these prefixes are applied from the resumed step on, each named in a warning; `seed` mid-epoch and
-# the key metric are refused unless --allow-resume-changes (the data order would change halfway through an epoch;
-# the best so far was measured in another metric); the model, optimizer and global batch are the fingerprint's.
-_APPLIED = ("optim.", "schedule.", "ema.", "early_stopping.", "max_epochs", "max_steps")
-_KEY_METRIC = ("key_metric", "key_metric_mode")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in d.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key, value
-
-
-def _changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """Settings of this run that differ from the checkpoint's run: {dotted name: (old, new)}."""
-    old, new = dict(_flat(saved)), dict(_flat(to_dict(cfg)))
-    return {k: (old.get(k), new[k]) for k in new if k in old and old[k] != new[k]}
-
-
-def _choose_checkpoint(
-    cfg: TrainConfig, checkpointer: ckpt.Checkpointer, fingerprint: dict, plan: TrainPlan
-) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from and its verified state.json, after checking that it fits this run."""
-    path = ckpt.resolve_resume(cfg.resume, checkpointer)
-    if path is None:
-        return None, None
-    record = ckpt.verify(path)
-    problems = ckpt.check_compatible(record, fingerprint, path)
-    saved_state = record["state"]
-    position = _normalised(saved_state, plan)["samples_in_epoch"]
-    changes = _changes(record["config"], cfg)
-    if "seed" in changes and position:
-        problems.append(f"seed {changes['seed'][0]} -> {changes['seed'][1]} in the middle of an epoch (the data "
-                        "order of the rest of the epoch would change)")  # fmt: skip
-    for key in _KEY_METRIC:
-        if key in changes:
-            old, new = changes[key]
-            problems.append(f"{key} {old} -> {new} (the best so far was measured by the old one)")
-    if problems and not cfg.allow_resume_changes:
-        raise UserError(
-            f"cannot resume from {path}: this run differs in what it trains:\n  "
-            + "\n  ".join(problems)
-            + "\nStart a new run (--run-name NEW or --resume none), or pass --allow-resume-changes"
-        )
-    for problem in problems:
-        log.warning("WARNING: resuming despite a change (--allow-resume-changes): %s", problem)
-    applied = [
-        f"{k} {old} -> {new}"
-        for k, (old, new) in changes.items()
-        if k.startswith(_APPLIED) and k != "optim.name"
-    ]
-    if applied:
-        log.warning(
-            "WARNING: resuming with changed settings, applied from step %d on: %s",
-            saved_state["step"],
-            "; ".join(applied),
-        )
-    if position % plan.global_batch:
-        raise UserError(
-            f"the checkpoint stopped {position} samples into an epoch, not a multiple of "
-            f"this run's global micro-batch {plan.global_batch}; keep --data.batch-size x processes"
-        )
-    return path, record
-
-
-def _normalised(saved: dict[str, Any], plan: TrainPlan) -> dict[str, Any]:
-    """The saved position with a finished epoch counted as finished: checkpoints written before the epoch
-    bookkeeping moved ahead of the saves recorded the last step of an epoch as `samples_in_epoch == num_samples`."""
-    if saved["samples_in_epoch"] >= plan.num_samples:
-        return {**saved, "epoch": saved["epoch"] + 1, "samples_in_epoch": 0}
-    return saved
-
-
-def _load_checkpoint(
-    path: Path,
-    record: dict,
-    cfg: TrainConfig,
-    model: Any,
-    optimizer: Any,
-    accelerator: Accelerator,
-    plan: TrainPlan,
-) -> ckpt.TrainState:
-    ckpt.load(path, model, optimizer, accelerator.scaler, accelerator, record)
-    # The optimizer's hyperparameters are this run's, not the checkpoint's: a changed lr, momentum, weight decay
-    # or betas takes effect (the loaded param_groups would otherwise win, silently). `initial_lr` is the peak the
-    # schedule multiplies.
-    fresh = build_optimizer([torch.zeros(1, requires_grad=True)], cfg.optim).param_groups[0]
-    for group in optimizer.param_groups:
-        group.update({k: v for k, v in fresh.items() if k != "params"}, initial_lr=cfg.optim.lr)
-    state = ckpt.TrainState(**_normalised(record["state"], plan))
-    if any(k in _changes(record["config"], cfg) for k in _KEY_METRIC):  # allowed, so the best starts over
-        state.best_value = state.best_step = None
-        state.stale_evals = 0
-    if record["world_size"] != accelerator.num_processes:
-        log.warning(
-            "resuming a %d-process checkpoint on %d processes: the data position maps by samples seen "
-            "(%d into epoch %d)",
-            record["world_size"],
-            accelerator.num_processes,
-            state.samples_in_epoch,
-            state.epoch,
-        )
-    log.info(
-        "resumed from %s at step %d (epoch %d, %d samples into it)",
-        path,
-        state.step,
-        state.epoch,
-        state.samples_in_epoch,
-    )
-    return state
 
 
 def main(argv: Sequence[str] | None = None) -> int:

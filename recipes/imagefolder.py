@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from launcher.config import OptimConfig, ScheduleConfig, TrainConfig
-from launcher.image_folder import ImageFolderData, find_class_folders, open_image_folders
+from launcher.data.image_folder import ImageFolderData, find_class_folders, open_image_folders
 from launcher.models import ModelTarget, build_from_target, check_output
 from launcher.recipe import Datasets
 

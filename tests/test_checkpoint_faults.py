@@ -16,7 +16,6 @@ The test that kills a real training run mid-save has the save stop itself at a n
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ from torch import nn
 
 from conftest import kill_tree
 from launcher import checkpoint as ckpt
+from launcher.checkpoint import checkpointer as saving
 from launcher.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,14 +342,14 @@ def test_sigkill_of_a_training_run_during_a_save_then_resume_auto(scratch, mode,
 def test_pause_points_are_parsed_strictly():
     """LAUNCHER_TEST_PAUSE_AT: a point, a file for `written`, a step; anything else is an error at import, not a
     test that waits for a marker until its timeout."""
-    assert ckpt._pause_spec(None) is None and ckpt._pause_spec("") is None
-    assert ckpt._pause_spec("before-rename") == ("before-rename", None, None)
-    assert ckpt._pause_spec("written:optimizer.pt@5") == ("written", "optimizer.pt", 5)
-    assert ckpt._pause_spec("tmp-created@12") == ("tmp-created", None, 12)
+    assert saving._pause_spec(None) is None and saving._pause_spec("") is None
+    assert saving._pause_spec("before-rename") == ("before-rename", None, None)
+    assert saving._pause_spec("written:optimizer.pt@5") == ("written", "optimizer.pt", 5)
+    assert saving._pause_spec("tmp-created@12") == ("tmp-created", None, 12)
     for bad in ("before-renam", "before-rename:COMPLETE", "written@five", "written:optimizer.pt@-1"):
         with pytest.raises(ValueError, match="expected POINT"):
-            ckpt._pause_spec(bad)
-    assert ckpt._PAUSE_AT is None  # never armed in the test process itself
+            saving._pause_spec(bad)
+    assert saving._PAUSE_AT is None  # never armed in the test process itself
 
 
 def test_two_processes_agree_when_one_fails_to_write(tmp_path):
@@ -740,32 +740,29 @@ def test_strict_schema_names_the_entry(tmp_path, accelerator, damage, message):
     assert message in str(err.value) and str(path) in str(err.value)
 
 
-def test_checkpoint_of_format_1_still_verifies_and_loads(tmp_path, accelerator):
-    """Checkpoints written before the CRC-32 marker (format 1: the same files, one sha256 each) still resume, and
-    their corruption is still caught: a launcher upgrade must not turn `--resume auto` into a fresh start."""
-    c = checkpointer(tmp_path, accelerator)
+def test_a_format_1_checkpoint_is_refused_by_name_and_skipped_by_resume_auto(tmp_path, accelerator):
+    """Format 1 (the same files, one sha256 each, before the CRC-32 marker) is no longer read: verifying one names
+    its format, and `--resume auto` skips it for the newest checkpoint it can use."""
+    c = checkpointer(tmp_path, accelerator, keep_last=2)
     model, optimizer = make_model()
     save(c, model, optimizer, 1)
-    path = c.list()[0]
+    save(c, model, optimizer, 2)
+    path = c.list()[-1]
     record = json.loads((path / "state.json").read_text())
-    v1_state = {k: record["state"][k] for k in ckpt.V1_STATE_FIELDS}  # TrainState before early stopping & co.
-    (path / "state.json").write_text(
-        json.dumps({**record, "format": "launcher-checkpoint/1", "state": v1_state})
-    )
+    (path / "state.json").write_text(json.dumps({**record, "format": "launcher-checkpoint/1"}))
     files = {
         p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
         for p in sorted(path.iterdir())
         if p.name != ckpt.MARKER
     }
     (path / ckpt.MARKER).write_text(
-        json.dumps({"format": "launcher-checkpoint/1", "step": 1, "files": files})
+        json.dumps({"format": "launcher-checkpoint/1", "step": 2, "files": files})
     )
-    assert ckpt.resolve_resume("auto", c) == path
-    assert ckpt.verify(path)["state"] == dataclasses.asdict(ckpt.TrainState(step=1))
-    assert_restores(path, flat_state(model, optimizer), accelerator)
-    flip_byte(path)
-    with pytest.raises(CheckpointError, match=r"optimizer\.pt does not match its sha256"):
+    with pytest.raises(
+        CheckpointError, match=r"format 'launcher-checkpoint/1', expected 'launcher-checkpoint/2'"
+    ):
         ckpt.verify(path)
+    assert ckpt.resolve_resume("auto", c) == c.list()[0] == tmp_path / "checkpoints" / "step-00000001"
 
 
 def test_marker_for_another_step_is_an_error(tmp_path, accelerator):

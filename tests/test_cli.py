@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TEST_RECIPES
-from launcher.cli import main as launcher_main
-from launcher.convert_ckpt import check_recipe
 from launcher.errors import UserError
 from launcher.recipe import load_recipe, parse_config
+from launcher.tools.cli import main as launcher_main
+from launcher.tools.convert_ckpt import check_recipe
 from launcher.train import main as train_main
 
 MNIST_RECIPE = REPO / "recipes" / "mnist.py"

@@ -27,11 +27,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import REPO, train
-from launcher import cli, convert_ckpt, inspect_ckpt, safe_load
+from launcher.checkpoint import safe_load
+from launcher.checkpoint.safe_load import check_safetensors_header, load_checkpoint, pickle_globals
+from launcher.checkpoint.state_dict import (
+    ALIASES_KEY,
+    load_into,
+    rename_prefix,
+    split_weights,
+    strip_prefixes,
+    untie,
+)
+from launcher.checkpoint.weights import read_weights
 from launcher.errors import UserError
 from launcher.recipe import load_recipe, parse_config
-from launcher.safe_load import ALIASES_KEY, check_safetensors_header, load_checkpoint, pickle_globals
-from launcher.state_dict import load_into, read_weights, rename_prefix, split_weights, strip_prefixes
+from launcher.tools import cli, convert_ckpt, inspect_ckpt
 
 WILD = REPO.parent / "shared" / "data" / "checkpoints-wild"
 MNIST_RECIPE = REPO / "recipes" / "mnist.py"
@@ -134,7 +143,7 @@ def test_metadata_values_are_strings_and_tensor_entries_are_left_out():
     assert value(list(range(100_000)))[0] is None  # over the size limit
 
 
-def test_dedupe_stores_tied_tensors_once_and_copies_other_shared_memory():
+def test_untie_stores_tied_tensors_once_and_copies_other_shared_memory():
     tied = torch.randn(4, 3)
     buffer = torch.arange(10.0)
     state = {
@@ -146,7 +155,7 @@ def test_dedupe_stores_tied_tensors_once_and_copies_other_shared_memory():
         "empty1": torch.zeros(0),
         "empty2": torch.zeros(0),
     }
-    stored, aliases, contiguous = convert_ckpt.dedupe(state)
+    stored, aliases, contiguous = untie(state)
     assert aliases == {"head.weight": "emb.weight"}
     assert set(stored) == {"emb.weight", "a", "b", "t", "empty1", "empty2"}
     assert stored["a"].untyped_storage().data_ptr() != stored["b"].untyped_storage().data_ptr()
@@ -619,7 +628,7 @@ def test_a_malicious_pickle_never_runs_under_the_launcher_command(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "launcher.cli",
+        "launcher.tools.cli",
         "convert-ckpt",
         str(path),
         "-o",

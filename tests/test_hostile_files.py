@@ -27,17 +27,19 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import REPO
-from launcher import convert_ckpt, inspect_ckpt, safe_load
+from launcher.checkpoint import safe_load
+from launcher.checkpoint.safe_load import load_checkpoint
+from launcher.checkpoint.state_dict import ALIASES_KEY
+from launcher.checkpoint.weights import read_weights
 from launcher.errors import UserError
-from launcher.safe_load import ALIASES_KEY, load_checkpoint
-from launcher.state_dict import read_weights
+from launcher.tools import convert_ckpt, inspect_ckpt
 
-# Runs `launcher.cli.main` (what the `launcher` command runs) once per argv in sys.argv[1] (a JSON list), and
+# Runs `launcher.tools.cli.main` (what the `launcher` command runs) once per argv in sys.argv[1] (a JSON list), and
 # prints one JSON line per run: exit status, stderr, and the process's peak RSS so far in bytes. One process for
 # several runs, because importing torch costs seconds on a shared machine.
 CLI_DRIVER = r"""
 import contextlib, io, json, resource, sys
-from launcher import cli, convert_ckpt, inspect_ckpt  # imported before the first peak, like the runs' own code
+from launcher.tools import cli, convert_ckpt, inspect_ckpt  # imported before the first peak, like the runs' own code
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB

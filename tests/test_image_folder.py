@@ -11,8 +11,8 @@ import torch
 from digit_folders import write_digit_folders
 
 from conftest import REPO, metrics, train
+from launcher.data.image_folder import ClassFolders, ImageFolderData, open_image_folders, split_by_class
 from launcher.errors import UserError
-from launcher.image_folder import ClassFolders, ImageFolderData, open_image_folders, split_by_class
 
 RECIPE = REPO / "recipes" / "imagefolder.py"
 # Digits: one channel, no flips (a mirrored 7 is no 7), MNIST's statistics, 16x16 pixels for short CPU runs.

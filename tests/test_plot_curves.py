@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 
 from conftest import TEST_RECIPES, metrics, train
-from launcher.plot_curves import collect, draw, main, read_records, steps_per_epoch
+from launcher.tools.plot_curves import collect, draw, main, read_records, steps_per_epoch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,9 +6,9 @@ import matplotlib.image
 import pytest
 
 from conftest import REPO
-from launcher.cli import main as launcher_main
-from launcher.plot_lr import plot, schedule_values
 from launcher.recipe import load_recipe, parse_config
+from launcher.tools.cli import main as launcher_main
+from launcher.tools.plot_lr import plot, schedule_values
 
 MNIST = REPO / "recipes" / "mnist.py"
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launcher import preemption
+from launcher.cluster import preemption
 from launcher.config import PreemptionConfig
 
 REPO = Path(__file__).resolve().parents[1]

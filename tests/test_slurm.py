@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import slurm
+from launcher.cluster import slurm
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_MINI = REPO.parent / "shared" / "data" / "mnist-mini"
@@ -78,7 +78,7 @@ def _node_env(stubs: Path, node_id: int, **extra: str) -> dict[str, str]:
 
 def _launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launcher.slurm", "launch", *args],
+        [sys.executable, "-m", "launcher.cluster.slurm", "launch", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -124,7 +124,9 @@ def test_cpu_switch_runs_gloo_processes_per_node(stub_path: Path) -> None:
     env = _node_env(stub_path, 1, LAUNCHER_CPU="1", LAUNCHER_PROCS_PER_NODE="2")
     out = _launch(env, "recipes/mnist.py")
     assert out.returncode == 0, out.stderr
-    args = out.stdout.splitlines()[1].split()[1:]  # line 0 is launcher.slurm's own report of the command
+    args = out.stdout.splitlines()[1].split()[
+        1:
+    ]  # line 0 is launcher.cluster.slurm's own report of the command
     assert _flag(args, "--num_processes") == "8" and _flag(args, "--machine_rank") == "1"
     assert "--multi_gpu" in args  # with ACCELERATE_USE_CPU=1: gloo on CPU (--cpu would start one process)
     assert "USE_CPU 1" in out.stdout
@@ -139,7 +141,7 @@ def test_dry_run_prints_the_command_without_running_it(stub_path: Path) -> None:
     out = _launch(_node_env(stub_path, 2, SLURM_GPUS_PER_NODE="4"), "--dry-run", "recipes/mnist.py")
     assert out.returncode == 0, out.stderr
     assert "ARGS" not in out.stdout
-    assert "launcher.slurm: node 2" in out.stdout and "--num_processes 16" in out.stdout
+    assert "launcher.cluster.slurm: node 2" in out.stdout and "--num_processes 16" in out.stdout
 
 
 def test_gpu_counts_and_ports() -> None:
@@ -189,7 +191,7 @@ def test_uneven_gpus_per_node_start_each_nodes_share_of_one_job_total(stub_path:
         out = _launch(env, "recipes/mnist.py")
         assert out.returncode == 0, out.stderr
         report, accelerate = out.stdout.splitlines()[:2]
-        assert f"launcher.slurm: node {node} (" in report and f"{own} of 12 processes" in report
+        assert f"launcher.cluster.slurm: node {node} (" in report and f"{own} of 12 processes" in report
         args = accelerate.split()[1:]
         assert _flag(args, "--num_processes") == str(2 * own) and _flag(args, "--num_machines") == "2"
         assert "--multi_gpu" in args
@@ -279,7 +281,7 @@ def test_sweep_lines_skip_comments_and_name_the_array_range() -> None:
 
 
 def _free_rendezvous_port() -> int:
-    """A port of launcher.slurm's range that is free here now."""
+    """A port of launcher.cluster.slurm's range that is free here now."""
     for port in random.Random().sample(range(slurm.PORT_BASE, slurm.PORT_BASE + slurm.PORT_SPAN), 100):
         with socket.socket() as s:
             try:
@@ -287,12 +289,12 @@ def _free_rendezvous_port() -> int:
             except OSError:
                 continue
             return port
-    raise AssertionError("no free port in launcher.slurm's rendezvous range")
+    raise AssertionError("no free port in launcher.cluster.slurm's rendezvous range")
 
 
 @pytest.mark.slow
 def test_nodes_with_different_process_counts_train_as_one_job(tmp_path: Path) -> None:
-    """Two nodes' `launcher.slurm launch`, here on one machine, with the real accelerate and torchrun: with
+    """Two nodes' `launcher.cluster.slurm launch`, here on one machine, with the real accelerate and torchrun: with
     LAUNCHER_PROCS_PER_NODE=2,1 node 0 starts 2 ranks and node 1 one, and the three train as one job of 3."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
@@ -312,7 +314,7 @@ def test_nodes_with_different_process_counts_train_as_one_job(tmp_path: Path) ->
         "LAUNCHER_PROCS_PER_NODE": "2,1",
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [sys.executable, "-m", "launcher.slurm", "launch", *RECIPE_ARGS, "--max-steps", "4"]
+    cmd = [sys.executable, "-m", "launcher.cluster.slurm", "launch", *RECIPE_ARGS, "--max-steps", "4"]
     logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
     procs = []
     try:
@@ -651,7 +653,7 @@ def test_sweep_array_runs_every_line_and_sweep_summary_reports_them(
         assert config["optim"]["lr"] == lr
 
     out = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "sweep-summary", str(sweep_dir)],
+        [sys.executable, "-m", "launcher.tools.cli", "sweep-summary", str(sweep_dir)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import main as cli
+from launcher.tools.cli import main as cli
 
 
 def _run(folder: Path, name: str, lr: float, records: list[dict], **config) -> None:

@@ -11,11 +11,17 @@ from launcher import __version__
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launcher.train", "train or test a recipe (the same as `python -m launcher.train`)"),
-    "plot-lr": ("launcher.plot_lr", "draw the learning-rate schedule a recipe would run, to a PNG"),
-    "plot": ("launcher.plot_curves", "draw a run's train/validation curves from its metrics.jsonl, to a PNG"),
-    "sweep-summary": ("launcher.sweep", "tabulate the final and best metrics of the runs of a sweep"),
-    "convert-ckpt": ("launcher.convert_ckpt", "convert a checkpoint to clean .safetensors or .pt, safely"),
-    "inspect-ckpt": ("launcher.inspect_ckpt", "show what a checkpoint holds, without running it"),
+    "plot-lr": ("launcher.tools.plot_lr", "draw the learning-rate schedule a recipe would run, to a PNG"),
+    "plot": (
+        "launcher.tools.plot_curves",
+        "draw a run's train/validation curves from its metrics.jsonl, to a PNG",
+    ),
+    "sweep-summary": ("launcher.tools.sweep", "tabulate the final and best metrics of the runs of a sweep"),
+    "convert-ckpt": (
+        "launcher.tools.convert_ckpt",
+        "convert a checkpoint to clean .safetensors or .pt, safely",
+    ),
+    "inspect-ckpt": ("launcher.tools.inspect_ckpt", "show what a checkpoint holds, without running it"),
 }
 
 

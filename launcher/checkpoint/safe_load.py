@@ -48,7 +48,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from launcher.errors import UserError
+from launcher.checkpoint.state_dict import ALIASES_KEY, tie
+from launcher.errors import UserError, listing
 
 # The safetensors library refuses headers over 100 MB; so do we, before reading one.
 MAX_HEADER_BYTES = 100_000_000
@@ -68,8 +69,6 @@ MAX_HEADER_VALUES = 16 * MAX_SAFETENSORS_TENSORS + 65_536
 MAX_ZIP_INFLATION = 16
 # Extra inflation allowed on top, so that a few tiny compressed records (a version number) never count as a bomb.
 ZIP_INFLATION_SLACK = 1 << 20
-# Header metadata key under which convert-ckpt records tied tensors: {"alias key": "stored key", ...}.
-ALIASES_KEY = "launcher.aliases"
 # torch.save's legacy (pre-1.6) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # Bits per element of each safetensors dtype (sub-byte float formats included, so their files validate too).
@@ -401,7 +400,7 @@ def _explain(path: Path, reason: str, needed: list[str]) -> str:
     # No checkpoint needs these, so offering --unsafe-load-pickled-code would only help an attack along.
     if dangerous:
         return (
-            f"{path}: likely malicious: its pickle would call {_short(dangerous)}, which runs commands or code "
+            f"{path}: likely malicious: its pickle would call {listing(dangerous, 4)}, which runs commands or code "
             "rather than rebuilding data, and no checkpoint needs that. It was not loaded; do not load it with "
             "torch.load either, and get the weights from a source you trust"
         )
@@ -422,7 +421,7 @@ def _explain(path: Path, reason: str, needed: list[str]) -> str:
             else "pickled Python objects besides tensors"
         )
         return (
-            f"{path}: holds {kind}; reading it would run code from the file to build {_short(needed)}. "
+            f"{path}: holds {kind}; reading it would run code from the file to build {listing(needed, 4)}. "
             f"If you trust the file: launcher convert-ckpt {path} --unsafe-load-pickled-code"
         )
     opcode = re.search(r"Unsupported operand (\d+)", reason)
@@ -445,10 +444,6 @@ def is_dangerous_global(name: str) -> bool:
     return name in DANGEROUS_GLOBALS or name.split(".", 1)[0] in DANGEROUS_MODULES
 
 
-def _short(items: list[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def _load_unsafe(path: Path, fmt: str, needed: list[str]) -> Loaded:
     main = [g for g in needed if g.startswith("__main__.")]
     if main:  # the unpickler would look the class up in *our* __main__: refuse before running anything
@@ -456,7 +451,7 @@ def _load_unsafe(path: Path, fmt: str, needed: list[str]) -> Loaded:
     # Printed, not logged, and before unpickling: the user must see it even if what follows goes wrong.
     print(
         f"WARNING: --unsafe-load-pickled-code: unpickling {path} with weights_only=False, which runs any code "
-        f"the file contains (it needs {_short(needed) or 'nothing beyond the safe loader'})",
+        f"the file contains (it needs {listing(needed, 4) or 'nothing beyond the safe loader'})",
         file=sys.stderr,
         flush=True,
     )
@@ -779,12 +774,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
     metadata = dict(header.get("__metadata__", {}))
-    if ALIASES_KEY in metadata:
-        try:
-            aliases = json.loads(metadata[ALIASES_KEY])
-            for alias, stored in aliases.items():
-                tensors[alias] = tensors[stored]
-        # ValueError: not JSON; RecursionError: nested past the parser's limit; the rest: not {alias: key}.
-        except (ValueError, RecursionError, AttributeError, KeyError, TypeError) as exc:
-            raise UserError(f"{path}: metadata {ALIASES_KEY!r} is damaged ({_brief(exc, 160)})") from None
+    try:
+        tie(tensors, metadata)
+    # ValueError: not JSON; RecursionError: nested past the parser's limit; the rest: not {alias: key}.
+    except (ValueError, RecursionError, AttributeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: metadata {ALIASES_KEY!r} is damaged ({_brief(exc, 160)})") from None
     return tensors, metadata

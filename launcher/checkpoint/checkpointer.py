@@ -1,29 +1,16 @@
-"""Atomic, resumable checkpoints.
+"""The checkpointer: saving (atomically, optionally in the background), finding and loading checkpoints.
 
-Layout of one checkpoint, `<run>/checkpoints/step-00001200/`:
-
-    model.safetensors   model weights, clean keys (no `module.` / `_orig_mod.`)
-    ema.safetensors     the exponential moving average of the weights (only with --ema.decay)
-    optimizer.pt        optimizer state dict (torch.save; loads with weights_only=True)
-    scaler.pt           fp16 grad-scaler state (only when a scaler is in use)
-    rng-00000.pt ...    RNG states of each rank: python, numpy, torch, cuda (tensors and ints only)
-    state.json          step, data position, best metric, world size, model/optimizer fingerprint, config
-    COMPLETE            written last: size and CRC-32 (per 64 MiB chunk) of every file above
+What a checkpoint holds and how it is verified: `launcher.checkpoint.format`.
 
 Commit protocol: every rank writes into `checkpoints/.tmp-step-00001200/` and fsyncs its files; the ranks agree
 that all writes succeeded; rank 0 writes COMPLETE, fsyncs the directory, renames it to `step-00001200`, fsyncs
 `checkpoints/`, then replaces the `latest` pointer and only then deletes old checkpoints (never the best one).
 A crash at any point leaves either the old set of checkpoints or the old set plus the new one, and leftover
-`.tmp-*` entries that the next save removes. Loading checks the marker, the file list, every size and checksum.
-Checkpoints of the same or a later step than the one being committed belong to an abandoned run of the same
-directory (resumed from an older checkpoint, or started with --resume none): they are moved into `superseded/`,
-never deleted, so that `--resume auto` cannot pick them.
+`.tmp-*` entries that the next save removes. Checkpoints of the same or a later step than the one being committed
+belong to an abandoned run of the same directory (resumed from an older checkpoint, or started with --resume
+none): they are moved into `superseded/`, never deleted, so that `--resume auto` cannot pick them.
 
-Checksums are CRC-32 rather than a cryptographic hash: they guard against torn writes, truncation and bit rot,
-not against an adversary (loading never unpickles arbitrary objects anyway), and they cost under a third of
-sha256 (benchmarks/checkpoint_io.py). Chunks are hashed in threads (zlib releases the GIL) while the next file is
-written, when the file is still in the page cache; fsyncs run in a thread of their own for the same reason.
-
+Each file is hashed (while still in the page cache) and fsynced in other threads while the next one is written.
 With `async_save`, `save` copies the tensors into reused host buffers and returns; a background thread writes
 and commits. `wait()` (called by `save` itself, and by the loop before it exits) reports the outcome.
 """
@@ -31,13 +18,10 @@ and commits. `wait()` (called by `save` itself, and by the loop before it exits)
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import math
 import os
 import random
-import re
 import shutil
 import threading
 import time
@@ -49,73 +33,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from launcher.checkpoint.format import (
+    CHUNK_BYTES,
+    FORMAT,
+    MARKER,
+    STEP_DIR,
+    SUPERSEDED,
+    TMP_PREFIX,
+    TrainState,
+    hash_pool,
+    step_dir_name,
+    step_of,
+    submit_digest,
+    verify,
+)
+from launcher.checkpoint.state_dict import load_into, strip_prefixes, untie
+from launcher.checkpoint.weights import read_own, save_safetensors
 from launcher.errors import CheckpointError, UserError
-from launcher.state_dict import load_into, read_weights, strip_prefixes
-
-try:  # zlib-ng computes the very same CRC-32 about five times faster (vectorised); the standard zlib otherwise
-    from zlib_ng.zlib_ng import crc32 as _crc32
-
-    CRC32_IMPLEMENTATION = "zlib-ng"
-except ImportError:
-    from zlib import crc32 as _crc32
-
-    CRC32_IMPLEMENTATION = "zlib"
+from launcher.files import fsync, write_json_atomic
 
 log = logging.getLogger("launcher")
-
-FORMAT = "launcher-checkpoint/2"
-FORMAT_V1 = "launcher-checkpoint/1"  # the same files with a sha256 each; still verified, so older runs resume
-# TrainState as format 1 saved it. A field added to TrainState is a new format, whose reader fills it in for older
-# ones: strict, and yet an upgrade never turns `--resume auto` into a fresh start.
-V1_STATE_FIELDS = {"step", "epoch", "samples_in_epoch", "samples_seen", "best_value", "best_step"}
-MARKER = "COMPLETE"
-STEP_DIR = re.compile(r"^step-(\d{8,})$")
-TMP_PREFIX = ".tmp-"
-SUPERSEDED = "superseded"
-CHUNK_BYTES = 64 << 20  # checksum granularity: chunks hash in parallel, and a mismatch names its offset
-REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
-ALLOWED = re.compile(
-    r"^(model\.safetensors|ema\.safetensors|optimizer\.pt|scaler\.pt|state\.json|rng-\d{5}\.pt)$"
-)
-STATE_FIELDS = {"format", "state", "world_size", "fingerprint", "config"}
-FINGERPRINT_FIELDS = ("model", "optimizer", "global_batch", "train_samples")
-
-
-@dataclass
-class TrainState:
-    """Where training is: everything besides the tensors that a resume needs."""
-
-    step: int = 0
-    """Optimizer steps taken (also the schedule position)."""
-    epoch: int = 0
-    """Current epoch (0-based)."""
-    samples_in_epoch: int = 0
-    """Samples of the current epoch already consumed, over all processes."""
-    samples_seen: int = 0
-    """Samples consumed since the start of training, over all processes."""
-    best_value: float | None = None
-    """Best value of the key metric so far (None before the first evaluation)."""
-    best_step: int | None = None
-    """Step at which best_value was reached; rotation never deletes the checkpoint of this step."""
-    stale_evals: int = 0
-    """Evaluations in a row without an improvement beyond early stopping's min_delta."""
-    plateau: dict | None = None
-    """ReduceLROnPlateau's state when the schedule decays on a plateau."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def fsync(path: Path) -> None:
-    """fsync a file or a directory by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- fault injection (tests) ---------------------------------------------------------------------------------
@@ -181,59 +119,7 @@ def pause_point(point: str, step: int, checkpoints: Path, file: str | None = Non
         time.sleep(3600)
 
 
-# ---- checksums -----------------------------------------------------------------------------------------------
-_local = threading.local()
-
-
-def _hash_threads() -> int:
-    # Two threads already halve the time; more would steal cores from data loaders for little gain.
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def _crc_chunk(path: Path, offset: int, length: int) -> str:
-    """CRC-32 of `length` bytes at `offset`, read into a per-thread buffer (no mmap: a file that shrinks under
-    an mmap kills the process with SIGBUS, and some network file systems do not support it)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None:
-        buf = _local.buf = bytearray(8 << 20)
-    view, crc = memoryview(buf), 0
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        while length > 0:
-            n = f.readinto(view[: min(length, len(buf))])
-            if not n:
-                raise OSError(f"{path} ended early while reading it")
-            crc = _crc32(view[:n], crc)
-            length -= n
-    return f"{crc:08x}"
-
-
-def _submit_digest(pool: ThreadPoolExecutor, path: Path) -> tuple[int, list[Future[str]]]:
-    size = path.stat().st_size
-    chunks = range(0, size, CHUNK_BYTES)
-    return size, [pool.submit(_crc_chunk, path, off, min(CHUNK_BYTES, size - off)) for off in chunks]
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_hash_threads(), thread_name_prefix="ckpt-hash")
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    # The temporary name starts with TMP_PREFIX so that a crash between write and rename leaves a leftover the
-    # next save removes.
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync(path.parent)
-
-
+# ---- writing files --------------------------------------------------------------------------------------------
 class _KeepError:
     """A file for torch.save that remembers the OSError of a failed write: torch replaces it with a message that
     does not say what happened (a full disk reads "unexpected pos 576 vs 534")."""
@@ -252,11 +138,12 @@ class _KeepError:
         self.file.flush()
 
 
-def _save_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], like: Path) -> None:
-    save_file(weights, path, metadata=metadata)
+def _write_safetensors(
+    weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], like: Path
+) -> None:
+    save_safetensors(weights, path, metadata)
     # safetensors writes through a private temporary file (mode 0600) and renames it; give the weights the mode
-    # that the umask gave `like`, so whoever may read the run directory may read its weights. (Reading the umask
-    # itself means setting it, which is not safe while other threads create files.)
+    # of the checkpoint's other files, so whoever may read the run directory may read its weights.
     os.chmod(path, like.stat().st_mode & 0o777)
 
 
@@ -299,36 +186,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def model_fingerprint(model: torch.nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in strip_prefixes(model.state_dict()).items()}
-
-
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, with a private copy of every tensor that shares memory with an earlier one: safetensors
-    refuses shared tensors, and tied weights (an embedding reused as the output layer) share theirs. Loading copies
-    the same values into both names, so the tie survives."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for key, value in tensors.items():
-        value = value.contiguous()
-        span = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
-        if value.numel() and span in seen:
-            value = value.clone()
-        seen.add(span)
-        out[key] = value
-    return out
-
-
-def write_weights(weights: dict[str, torch.Tensor], path: Path, like: Path) -> None:
-    """Weights to `path` (best.safetensors, ema.safetensors) as a checkpoint writes them: tied tensors unshared, the
-    mode of `like`, through a temporary file that is fsynced and renamed, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    _save_weights(_unshare({k: v.detach() for k, v in weights.items()}), tmp, {"format": "pt"}, like)
-    fsync(tmp)
-    os.replace(tmp, path)
-    fsync(path.parent)
 
 
 @dataclass
@@ -459,16 +316,13 @@ class Checkpointer:
         scaler_state = scaler.state_dict() if scaler is not None else None
         if self.async_save:
             # Copies, because training goes on changing the live tensors while the thread writes.
-            weights = {k: self._host_tensor("model/" + k, v) for k, v in weights.items()}
+            weights = self._host_weights("model", weights)
             if averaged is not None:
-                averaged = {k: self._host_tensor("ema/" + k, v) for k, v in averaged.items()}
+                averaged = self._host_weights("ema", averaged)
             optimizer_state = self._host_tree("optimizer", optimizer_state)
             scaler_state = copy.deepcopy(scaler_state)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # copies from the GPU into pinned memory are asynchronous
-        else:
-            weights = _unshare(weights)
-            averaged = _unshare(averaged) if averaged is not None else None
         snap.ema = averaged
         record = {"format": FORMAT, "state": asdict(state), "world_size": acc.num_processes, **meta}
         snap.weights, snap.optimizer, snap.scaler = weights, optimizer_state, scaler_state
@@ -484,6 +338,13 @@ class Checkpointer:
             self._buffers[key] = buf
         return buf.copy_(value.detach(), non_blocking=value.is_cuda)
 
+    def _host_weights(self, key: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host copies of a state dict, tied tensors copied once and still tied (so that the file stores them
+        once, as `untie` does for a synchronous save)."""
+        stored, aliases, _ = untie(weights)
+        host = {k: self._host_tensor(f"{key}/{k}", v) for k, v in stored.items()}
+        return {k: host[aliases.get(k, k)] for k in weights}
+
     def _host_tree(self, key: str, obj: Any) -> Any:
         """`obj` (a state dict: dicts, lists, tuples, tensors, plain values) with every tensor copied to the host."""
         if isinstance(obj, torch.Tensor):
@@ -498,7 +359,7 @@ class Checkpointer:
         self, tmp: Path, final: Path, snap: _Snapshot, any_failed: Callable[[bool], bool]
     ) -> tuple[BaseException | None, bool]:
         """Write this rank's files, agree, commit on rank 0, agree. Returns (error or None, whether it failed)."""
-        with _hash_pool() as pool, ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync") as syncer:
+        with hash_pool() as pool, ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync") as syncer:
             digests: dict[str, tuple[int, list[Future[str]]]] = {}
             error = _attempt(lambda: digests.update(self._write(tmp, snap, pool, syncer)))
             if any_failed(error is not None):
@@ -523,7 +384,7 @@ class Checkpointer:
             # while this one writes the next file.
             synced.append(syncer.submit(fsync, path))
             if self.accelerator.is_main_process:
-                digests[name] = _submit_digest(pool, path)
+                digests[name] = submit_digest(pool, path)
 
         rng = tmp / f"rng-{self.accelerator.process_index:05d}.pt"
         put(rng.name, lambda p: _torch_save(snap.rng, p))
@@ -533,9 +394,9 @@ class Checkpointer:
             # overlaps with writing the others.
             put("optimizer.pt", lambda p: _torch_save(snap.optimizer, p))
             metadata = {"format": "pt", "step": str(snap.step)}
-            put("model.safetensors", lambda p: _save_weights(snap.weights, p, metadata, rng))
+            put("model.safetensors", lambda p: _write_safetensors(snap.weights, p, metadata, rng))
             if snap.ema is not None:
-                put("ema.safetensors", lambda p: _save_weights(snap.ema, p, metadata, rng))
+                put("ema.safetensors", lambda p: _write_safetensors(snap.ema, p, metadata, rng))
             if snap.scaler is not None:
                 put("scaler.pt", lambda p: _torch_save(snap.scaler, p))
             put("state.json", lambda p: p.write_text(snap.record))
@@ -568,7 +429,7 @@ class Checkpointer:
     ) -> None:
         for path in tmp.iterdir():  # the other ranks' RNG files
             if path.name not in digests:
-                digests[path.name] = _submit_digest(pool, path)
+                digests[path.name] = submit_digest(pool, path)
         manifest = {
             "format": FORMAT,
             "step": snap.step,
@@ -590,7 +451,12 @@ class Checkpointer:
         snap.committed = True
         fsync(self.dir)
         pause_point("before-latest", snap.step, self.dir)
-        _write_json_atomic(self.dir / "latest", {"checkpoint": final.name, "step": snap.step})
+        # The temporary name starts with TMP_PREFIX, so that a crash before the rename leaves a leftover that the
+        # next save removes.
+        latest = self.dir / "latest"
+        write_json_atomic(
+            latest, {"checkpoint": final.name, "step": snap.step}, tmp=self.dir / f"{TMP_PREFIX}latest"
+        )
         pause_point("before-rotate", snap.step, self.dir)
         self._rotate(snap.best_step)
 
@@ -600,7 +466,7 @@ class Checkpointer:
         started with --resume none), and `--resume auto` must not pick them over this run's own."""
         moved = False
         for path in self.list():
-            if _step_of(path) < step:
+            if step_of(path) < step:
                 continue
             dest = self.dir / SUPERSEDED / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
             n = 0
@@ -615,7 +481,7 @@ class Checkpointer:
                 "and this run is now saving step %d",
                 path,
                 dest,
-                _step_of(path),
+                step_of(path),
                 step,
             )
         if moved:
@@ -653,7 +519,7 @@ class Checkpointer:
     def _rotate(self, best_step: int | None) -> None:
         committed = self.list()
         keep = set(committed[-self.keep_last :])
-        keep |= {p for p in committed if _step_of(p) == best_step}
+        keep |= {p for p in committed if step_of(p) == best_step}
         for path in committed:
             if path not in keep:
                 # Renamed first, so that a crash halfway through the deletion leaves a `.tmp-` leftover (removed
@@ -668,14 +534,13 @@ class Checkpointer:
         """Committed checkpoint directories (not verified), oldest first."""
         if not self.dir.is_dir():
             return []
-        return sorted((p for p in self.dir.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=_step_of)
+        return sorted((p for p in self.dir.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=step_of)
 
-    def latest_valid(self) -> Path | None:
-        """The newest checkpoint that verifies; each one skipped is named in a warning."""
+    def latest_valid(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that verifies, and its record; each one skipped is named in a warning."""
         for path in reversed(self.list()):
             try:
-                verify(path)
-                return path
+                return path, verify(path)
             except CheckpointError as exc:
                 log.warning("WARNING: skipping checkpoint %s: %s", path, exc)
         return None
@@ -689,209 +554,6 @@ def _attempt(fn: Callable[[], Any]) -> BaseException | None:
     except Exception as exc:
         return exc
     return None
-
-
-def _step_of(path: Path) -> int:
-    match = STEP_DIR.match(path.name)
-    assert match is not None
-    return int(match.group(1))
-
-
-# ---- verifying and loading -----------------------------------------------------------------------------------
-# Verified checkpoints of this process, by directory, with the stat signature of their files: a resume verifies
-# the same checkpoint more than once (finding it, checking compatibility, loading), and hashing it once is enough.
-# Any change to a file (size, mtime, ctime, inode) changes the signature and forces a new check.
-_verified: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-
-
-def _signature(path: Path) -> tuple[Any, ...]:
-    entries = []
-    for p in sorted(path.iterdir()):
-        st = p.stat()
-        entries.append((p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-    return tuple(entries)
-
-
-def verify(path: Path) -> dict[str, Any]:
-    """Check the marker, the file list, sizes and checksums; return the parsed state.json. Raises CheckpointError."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
-    try:
-        key, signature = str(path.resolve()), _signature(path)
-        cached = _verified.get(key)
-        if cached is not None and cached[0] == signature:
-            return copy.deepcopy(cached[1])
-        record = _verify(path)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc})") from None
-    _verified[key] = (signature, copy.deepcopy(record))
-    return record
-
-
-def _verify(path: Path) -> dict[str, Any]:
-    marker = path / MARKER
-    if not marker.is_file():
-        raise CheckpointError(f"{path}: no {MARKER} marker (the save was interrupted)")
-    try:
-        manifest = json.loads(marker.read_text())
-        fmt = manifest["format"]
-        if fmt not in (FORMAT, FORMAT_V1):
-            raise CheckpointError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
-        files, step = manifest["files"], manifest["step"]
-        chunk = manifest["chunk_bytes"] if fmt == FORMAT else 0
-        if not isinstance(files, dict) or not isinstance(chunk, int) or (fmt == FORMAT and chunk <= 0):
-            raise TypeError("malformed 'files' or 'chunk_bytes'")
-        digest, digest_type = ("crc32", list) if fmt == FORMAT else ("sha256", str)
-        for name, info in files.items():
-            if not (isinstance(info["size"], int) and isinstance(info[digest], digest_type)):
-                raise TypeError(f"malformed entry for {name!r}")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: unreadable {MARKER} marker ({exc})") from None
-    match = STEP_DIR.match(path.name)
-    if match and int(match.group(1)) != step:
-        raise CheckpointError(f"{path}: its {MARKER} marker is for step {step}")
-
-    present = {p.name for p in path.iterdir()} - {MARKER}
-    for name in sorted(present | set(files)):
-        if not ALLOWED.match(name):
-            raise CheckpointError(f"{path}: unknown entry {name!r}")
-    if missing := sorted((set(REQUIRED) | set(files)) - present):
-        raise CheckpointError(f"{path}: missing {missing}")
-    if extra := sorted(present - set(files)):
-        raise CheckpointError(f"{path}: entries not listed in {MARKER}: {extra}")
-    for name, info in sorted(files.items()):
-        size = (path / name).stat().st_size
-        if size != info["size"]:
-            raise CheckpointError(f"{path}: {name} is {size} bytes, expected {info['size']} (truncated?)")
-        if fmt == FORMAT and len(info["crc32"]) != -(-size // chunk):
-            raise CheckpointError(f"{path}: {MARKER} lists {len(info['crc32'])} checksums for {name}")
-    if fmt == FORMAT_V1:
-        _check_sha256(path, files)
-    else:
-        _check_crc32(path, files, chunk)
-    return _check_record(path, fmt, step, present)
-
-
-def _check_sha256(path: Path, files: dict[str, Any]) -> None:
-    with _hash_pool() as pool:
-        futures = {name: pool.submit(sha256_file, path / name) for name in sorted(files)}
-        for name, future in futures.items():
-            if future.result() != files[name]["sha256"]:
-                raise CheckpointError(f"{path}: {name} does not match its sha256 (corrupted)")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_crc32(path: Path, files: dict[str, Any], chunk: int) -> None:
-    with _hash_pool() as pool:
-        actual = {
-            name: [
-                pool.submit(_crc_chunk, path / name, off, min(chunk, files[name]["size"] - off))
-                for off in range(0, files[name]["size"], chunk)
-            ]
-            for name in sorted(files)
-        }
-        for name, futures in actual.items():
-            for i, (future, expected) in enumerate(zip(futures, files[name]["crc32"], strict=True)):
-                if future.result() != expected:
-                    raise CheckpointError(
-                        f"{path}: {name} does not match its checksum at bytes {i * chunk}-"
-                        f"{min((i + 1) * chunk, files[name]['size'])} (corrupted)"
-                    )
-
-
-def _check_record(path: Path, fmt: str, step: int, present: set[str]) -> dict[str, Any]:
-    """state.json, strictly: exactly the known entries, the marker's format and step, an RNG file per rank."""
-    try:
-        record = json.loads((path / "state.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: state.json is not valid JSON ({exc})") from None
-    if not isinstance(record, dict) or set(record) != STATE_FIELDS:
-        keys = set(record) if isinstance(record, dict) else set()
-        unknown, absent = sorted(keys - STATE_FIELDS), sorted(STATE_FIELDS - keys)
-        raise CheckpointError(f"{path}: state.json has unknown entries {unknown} / lacks {absent}")
-    if record["format"] != fmt:
-        raise CheckpointError(f"{path}: state.json format {record['format']!r}, its {MARKER} {fmt!r}")
-    state_fields = V1_STATE_FIELDS if fmt == FORMAT_V1 else set(TrainState.__dataclass_fields__)
-    saved = record["state"] if isinstance(record["state"], dict) else {}
-    if set(saved) != state_fields:
-        unknown, absent = sorted(set(saved) - state_fields), sorted(state_fields - set(saved))
-        raise CheckpointError(f"{path}: state.json 'state' has unknown entries {unknown} / lacks {absent}")
-    if fmt == FORMAT_V1:  # the fields added since take their defaults: format 1 runs had neither feature
-        record["state"] = asdict(TrainState(**saved))
-    if problem := _state_problem(record["state"]):
-        raise CheckpointError(f"{path}: state.json 'state' is invalid: {problem}")
-    if not isinstance(record["config"], dict) or not isinstance(record["fingerprint"], dict):
-        raise CheckpointError(f"{path}: state.json 'config' and 'fingerprint' must be JSON objects")
-    if saved["step"] != step:
-        raise CheckpointError(f"{path}: state.json is for step {saved['step']}, its {MARKER} for step {step}")
-    world = record["world_size"]
-    if not isinstance(world, int) or world < 1:
-        raise CheckpointError(f"{path}: state.json has world_size {world!r}")
-    rng = {f"rng-{rank:05d}.pt" for rank in range(world)}
-    present_rng = {name for name in present if name.startswith("rng-")}
-    if present_rng != rng:
-        unknown, absent = sorted(present_rng - rng), sorted(rng - present_rng)
-        raise CheckpointError(
-            f"{path}: saved by {world} processes, but RNG files {unknown} are extra / {absent} are missing"
-        )
-    return record
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _state_problem(state: dict[str, Any]) -> str | None:
-    """What is wrong with a saved TrainState (types, ranges, consistency), or None. A tampered or damaged
-    state.json must be refused here, not surface later as a traceback or as a silent fresh start."""
-    for name in ("step", "epoch", "samples_in_epoch", "samples_seen", "stale_evals"):
-        if not _is_int(state[name]) or state[name] < 0:
-            return f"{name} must be a non-negative integer, got {state[name]!r}"
-    best = state["best_value"]
-    if best is not None and not (
-        isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best)
-    ):
-        return f"best_value must be a finite number or null, got {best!r}"
-    best_step = state["best_step"]
-    if best_step is not None and not (_is_int(best_step) and 0 <= best_step <= state["step"]):
-        return f"best_step must be null or a step in [0, {state['step']}], got {best_step!r}"
-    if (best is None) != (best_step is None):
-        return "best_value and best_step must both be set or both be null"
-    if state["samples_in_epoch"] > state["samples_seen"]:
-        return f"samples_in_epoch {state['samples_in_epoch']} exceeds samples_seen {state['samples_seen']}"
-    if state["plateau"] is not None and not isinstance(state["plateau"], dict):
-        return f"plateau must be an object or null, got {state['plateau']!r}"
-    return None
-
-
-def check_compatible(record: dict, fingerprint: dict, path: Path) -> list[str]:
-    """Differences between the checkpoint's run and this one that change what training means."""
-    saved = record["fingerprint"] if isinstance(record.get("fingerprint"), dict) else {}
-    problems = []
-    for key in FINGERPRINT_FIELDS:
-        if key not in saved:
-            problems.append(f"the checkpoint does not record {key}")
-    old, new = saved.get("model", {}), fingerprint["model"]
-    if "model" in saved and old != new:
-        diffs = [
-            f"{k}: {old.get(k)} -> {new.get(k)}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
-        ]
-        problems.append(f"model parameters differ ({len(diffs)}): " + "; ".join(diffs[:5]))
-    for key in FINGERPRINT_FIELDS[1:]:
-        if key in saved and saved[key] != fingerprint[key]:
-            problems.append(f"{key} {saved[key]} -> {fingerprint[key]}")
-    return problems
 
 
 def load(
@@ -908,7 +570,7 @@ def load(
     if record is None:
         record = verify(path)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    load_into(unwrapped, read_weights(path / "model.safetensors"), source=str(path / "model.safetensors"))
+    load_into(unwrapped, read_own(path / "model.safetensors"), source=str(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scaler_file = path / "scaler.pt"
     if scaler is not None and scaler_file.is_file():
@@ -932,7 +594,7 @@ def load(
 def load_ema(path: Path, ema: Any) -> None:
     """The EMA weights of a checkpoint into `ema` (built from the resumed weights), if it has them."""
     if (path / "ema.safetensors").is_file():
-        ema.load_state_dict(read_weights(path / "ema.safetensors"))
+        ema.load_state_dict(read_own(path / "ema.safetensors"))
     else:
         log.warning(
             "WARNING: %s has no EMA weights (saved without --ema.decay); the average starts from the resumed "
@@ -941,8 +603,10 @@ def load_ema(path: Path, ema: Any) -> None:
         )
 
 
-def resolve_resume(resume: str, checkpointer: Checkpointer) -> Path | None:
-    """`auto`: newest valid checkpoint or None; `none`: None; otherwise the given checkpoint, which must verify."""
+def find_resume(resume: str, checkpointer: Checkpointer) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `--resume` names and its verified record (state.json), verified once: `auto`, the newest
+    valid checkpoint or None; `none`, None; otherwise the given checkpoint (a checkpoint folder, its run
+    directory or its `latest` pointer), which must verify."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -959,11 +623,16 @@ def resolve_resume(resume: str, checkpointer: Checkpointer) -> Path | None:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"--resume {resume}: unreadable pointer file ({exc})") from None
     try:
-        verify(path)
+        return path, verify(path)
     except CheckpointError as exc:
         # An explicit checkpoint that does not verify is an error, never a silent fresh start.
         raise CheckpointError(
             f"--resume {resume}: {exc}. Pass a valid checkpoint, --resume auto for the newest valid one of "
             "this run, or --resume none to start fresh"
         ) from None
-    return path
+
+
+def resolve_resume(resume: str, checkpointer: Checkpointer) -> Path | None:
+    """The checkpoint folder `find_resume` picks, or None."""
+    found = find_resume(resume, checkpointer)
+    return None if found is None else found[0]

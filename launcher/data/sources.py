@@ -1,78 +1,25 @@
-"""The data path: which samples each process sees, in which order, and how they reach the device.
+"""How samples reach the device, batch by batch, for training and evaluation.
 
-Order. Every epoch has one global order, a permutation seeded by (seed, epoch) alone, so it does not depend on
-the number of processes. Global micro-batch b is the slice order[b*G:(b+1)*G] with G = batch_size x processes;
-process r takes every world-th sample of it (slice[r::world]). Hence 2 processes with batch B see, per step,
-exactly the samples 1 process with batch 2B sees, and a resumed run can start at any batch of an epoch.
-
-Transforms. Normalisation and augmentation (random crop with zero padding, horizontal flip) run on the device,
-in batches, in both data paths. Augmentation parameters are drawn once per epoch for every sample index from a
-generator seeded by (seed, epoch), so a sample is augmented the same way whatever process, batch or resume it
-falls in.
-
-Sources. `in_memory` holds the dataset as one uint8 tensor on the device and gathers batches there (no workers,
-no host round trip); otherwise a DataLoader over the dataset loads the same index batches with worker processes.
+`in_memory` holds the dataset as one uint8 tensor on the device and gathers batches there (no workers, no host
+round trip); otherwise a DataLoader over the dataset loads the same index batches with worker processes. The
+order comes from `launcher.data.plan`, the transforms from `launcher.data.transforms`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from launcher.config import DataConfig
+from launcher.data.plan import TrainPlan, epoch_order, mix_seed
+from launcher.data.transforms import DeviceTransform
 from launcher.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; nearby inputs give unrelated seeds."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The global sample order of an epoch (CPU int64), a pure function of (n, seed, epoch)."""
-    if not shuffle:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """How an epoch's global order splits into micro-batches and across processes."""
-
-    num_samples: int
-    batch_size: int  # per process
-    world: int
-    rank: int
-    drop_last: bool
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world
-
-    @property
-    def batches_per_epoch(self) -> int:
-        full, rest = divmod(self.num_samples, self.global_batch)
-        # A last partial batch is kept only when every process gets at least one sample of it.
-        return full + int(not self.drop_last and rest >= self.world)
-
-    def global_count(self, b: int) -> int:
-        """Samples in global micro-batch b (all processes together)."""
-        return min(self.global_batch, self.num_samples - b * self.global_batch)
-
-    def rank_slice(self, order: torch.Tensor, b: int) -> torch.Tensor:
-        start = b * self.global_batch
-        return order[start : start + self.global_batch][self.rank :: self.world]
 
 
 def as_image_tensor(image: object) -> torch.Tensor:
@@ -165,63 +112,6 @@ class Source:
             if "Original Traceback" in text:
                 text = text.rsplit("UserError: ", 1)[-1].strip()
             raise UserError(text) from None
-
-
-class DeviceTransform:
-    """Normalisation and augmentation of uint8 (or [0,1] float) image batches, on the device."""
-
-    def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
-        self.seed, self.device = seed, device
-        self.padding, self.hflip = cfg.crop_padding, cfg.hflip
-        if cfg.mean:
-            std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
-            self.mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
-            self.inv_std = 1.0 / std
-        else:
-            self.mean = self.inv_std = None
-        self._aranges: dict[int, torch.Tensor] = {}
-
-    @property
-    def augments(self) -> bool:
-        return self.padding > 0 or self.hflip
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        if self.mean is not None:
-            x = x.sub_(self.mean).mul_(self.inv_std)
-        return x
-
-    def epoch_params(self, num_samples: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Crop offsets (N, 2) and flip flags (N,) for every sample of the epoch."""
-        if not self.augments:
-            return None
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xA0))
-        offsets = torch.randint(0, 2 * self.padding + 1, (num_samples, 2), generator=g)
-        flips = torch.rand(num_samples, generator=g) < 0.5
-        return offsets.to(self.device), flips.to(self.device)
-
-    def train(self, x: torch.Tensor, idx: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None):
-        if params is not None:
-            offsets, flips = params
-            if self.padding > 0:
-                x = self._crop(x, offsets[idx])
-            if self.hflip:
-                x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
-        return self.normalize(x)
-
-    def _arange(self, n: int) -> torch.Tensor:
-        if n not in self._aranges:
-            self._aranges[n] = torch.arange(n, device=self.device)
-        return self._aranges[n]
-
-    def _crop(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Zero-pad by `padding` and cut each image's window at its own offset: two gathers, no Python loop."""
-        b, c, h, w = x.shape
-        p = self.padding
-        padded = F.pad(x, (p, p, p, p))
-        rows = (offsets[:, 0:1] + self._arange(h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * p)
-        cols = (offsets[:, 1:2] + self._arange(w)).view(b, 1, 1, w).expand(b, c, h, w)
-        return padded.gather(2, rows).gather(3, cols)
 
 
 class TrainData:

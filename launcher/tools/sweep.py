@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.config import flatten
 from launcher.errors import UserError
+from launcher.files import read_jsonl
 
 # Config entries that differ between runs without being what a sweep compares.
 NOT_VARIED = {"run_name", "output_dir"}
@@ -39,30 +41,9 @@ class Run:
     best_step: int | None = None
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; lists become tuples so they compare and hash."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed process; the others still count
-    return records
-
-
 def read_run(run_dir: Path) -> Run:
     """One run's row data from its metrics.jsonl and config.json."""
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    records, _ = read_jsonl(run_dir / "metrics.jsonl")  # a line cut short by a killed process is skipped
     config_file = run_dir / "config.json"
     config = flatten(json.loads(config_file.read_text())) if config_file.is_file() else {}
     key = str(config.get("key_metric", "accuracy"))

@@ -9,7 +9,6 @@ where it stopped; the later record of a step wins, so every curve is one line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from launcher.errors import UserError
+from launcher.files import read_jsonl
 
 LABELS = {"train": "train", "eval": "validation"}
 COLORS = {"train": "C0", "eval": "C1"}  # the same colour for a kind in every panel
@@ -49,19 +49,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                 f"{path} holds no metrics.jsonl: is it a run directory (<output-dir>/<run-name>)?"
             )
         raise UserError(f"no run directory or metrics file at {path}")
-    records, bad = [], []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        if isinstance(record, dict) and "kind" in record and "step" in record:
-            records.append(record)
-        else:
-            bad.append(number)
+    records, bad = read_jsonl(file, keep=lambda r: isinstance(r, dict) and "kind" in r and "step" in r)
     if bad:
         print(f"warning: skipped unreadable line(s) {bad[:10]} of {file}", file=sys.stderr)
     return records

@@ -1,6 +1,6 @@
 """SLURM: one `accelerate launch` per node, with the numbers computed on that node from SLURM's variables.
 
-`slurm/train.sbatch` starts one srun task per node, each running `python -m launcher.slurm launch RECIPE ...`.
+`slurm/train.sbatch` starts one srun task per node, each running `python -m launcher.cluster.slurm launch RECIPE ...`.
 On its node, that reads the node's own SLURM_NODEID (never the batch shell's, which is node 0's) and replaces
 itself with
 
@@ -20,7 +20,7 @@ Preemption: SLURM's warning signal (`#SBATCH --signal=USR1@90`, `scancel --signa
 process of the job step. Python's default action for SIGUSR1 is to die, and torch's elastic agent inside
 `accelerate launch` does not handle it, so the agent would die and take the workers with it before they save.
 `launch` therefore ignores SIGUSR1 before it execs: the agent inherits the ignore, and only the training
-processes, which install their own handler (launcher.preemption), act on the signal.
+processes, which install their own handler (launcher.cluster.preemption), act on the signal.
 """
 
 from __future__ import annotations
@@ -286,12 +286,14 @@ def _launch(args: argparse.Namespace) -> int:
             raise UserError(f"cannot read the sweep file {path}: {exc.strerror}") from None
         train_args += sweep_overrides(text, task, str(path))
     if not train_args:
-        raise UserError("give a recipe: python -m launcher.slurm launch RECIPE [--field.name VALUE ...]")
+        raise UserError(
+            "give a recipe: python -m launcher.cluster.slurm launch RECIPE [--field.name VALUE ...]"
+        )
     plan = plan_from_env(env)
     cmd = accelerate_command(plan, train_args)
     host = env.get("SLURMD_NODENAME") or os.uname().nodename
     print(
-        f"launcher.slurm: node {plan.machine_rank} ({host}), {plan.processes_on_node} of {plan.num_processes} "
+        f"launcher.cluster.slurm: node {plan.machine_rank} ({host}), {plan.processes_on_node} of {plan.num_processes} "
         f"processes: {shlex.join(cmd)}",
         flush=True,
     )
@@ -313,7 +315,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launcher.slurm", description="Run one node's part of a SLURM training job."
+        prog="python -m launcher.cluster.slurm", description="Run one node's part of a SLURM training job."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     launch = sub.add_parser(

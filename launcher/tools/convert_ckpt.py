@@ -1,6 +1,6 @@
 """`launcher convert-ckpt`: turn any PyTorch checkpoint into a clean state dict, safely.
 
-Steps, in order: read the file without running code from it (launcher.safe_load), pick the weights out of a
+Steps, in order: read the file without running code from it (launcher.checkpoint.safe_load), pick the weights out of a
 wrapper dict (--key), rename key prefixes (--rename), strip `module.`/`_orig_mod.` at the start of keys, add a
 prefix (--add-prefix), write the result atomically, read it back and compare every tensor, then optionally load
 it into a recipe's model (--check).
@@ -9,31 +9,34 @@ it into a recipe's model (--check).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from launcher.checkpoint import fsync, sha256_file
-from launcher.errors import UserError
-from launcher.recipe import load_recipe, parse_config
-from launcher.safe_load import ALIASES_KEY, Loaded, load_checkpoint, read_safetensors
-from launcher.state_dict import (
+from launcher.checkpoint.safe_load import Loaded, load_checkpoint, read_safetensors
+from launcher.checkpoint.state_dict import (
     add_prefix,
+    holds_tensors,
+    is_optimizer_state,
     is_state_dict,
     load_into,
     rename_prefix,
     split_weights,
     strip_prefixes,
-    weights_file,
+    untie,
 )
+from launcher.checkpoint.weights import save_safetensors, weights_file
+from launcher.errors import UserError
+from launcher.files import write_atomic
+from launcher.model_stats import human
+from launcher.recipe import load_recipe, parse_config
 
 # A metadata value longer than this (a loss curve of a million steps) is left out rather than bloat the header.
 MAX_METADATA_CHARS = 65_536
@@ -248,54 +251,6 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def is_optimizer_state(value: Any) -> bool:
-    """An optimizer's state_dict(): {'state': ..., 'param_groups': [...]}."""
-    return isinstance(value, Mapping) and {"state", "param_groups"} <= set(value)
-
-
-def holds_tensors(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if depth > 20:  # deeper than any real checkpoint; do not recurse without end on odd objects
-        return False
-    if isinstance(value, argparse.Namespace):
-        value = vars(value)
-    if isinstance(value, Mapping):
-        return any(holds_tensors(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return any(holds_tensors(v, depth + 1) for v in value)
-    return False
-
-
-def dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
-    """(tensors to store, each in its own contiguous memory; aliases {alias: stored key}; how many made contiguous).
-
-    Tied weights (one tensor under two names, e.g. an embedding and the output layer) are stored once. Tensors
-    that share memory in any other way (slices of one flat buffer) get their own copy: safetensors refuses shared
-    memory, and a copy is what a reader expects anyway.
-    """
-    stored: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_view: dict[tuple, str] = {}
-    for key, tensor in state.items():
-        t = tensor.detach()
-        view = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
-        if t.numel() > 0 and view in by_view:  # empty tensors all have data_ptr 0: never aliases
-            aliases[key] = by_view[view]
-            continue
-        if t.numel() > 0:
-            by_view[view] = key
-        stored[key] = t
-    owners = Counter(t.untyped_storage().data_ptr() for t in stored.values() if t.numel() > 0)
-    made_contiguous = 0
-    for key, t in stored.items():
-        if not t.is_contiguous():
-            stored[key], made_contiguous = t.contiguous(), made_contiguous + 1
-        elif t.numel() > 0 and owners[t.untyped_storage().data_ptr()] > 1:
-            stored[key] = t.clone()
-    return stored, aliases, made_contiguous
-
-
 def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """torch.equal, with NaNs in the same places counting as equal (a checkpoint may hold NaN buffers)."""
     if a.dtype != b.dtype or a.shape != b.shape:
@@ -322,44 +277,48 @@ def compare(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor
 def write_verified(
     out: Path, fmt: str, state: Mapping[str, torch.Tensor], metadata: dict[str, str]
 ) -> tuple[int, dict[str, str], int]:
-    """Write `state` to `out` atomically and verify it; returns dedupe()'s counts (stored, aliases, contiguous).
+    """Write `state` to `out` atomically and verify it; returns untie()'s counts (stored, aliases, contiguous).
 
-    The temporary file is written, fsynced, read back and compared before os.replace puts it at `out`, so `out`
-    is either the old file or a complete, verified new one.
+    The temporary file is written, fsynced, read back and compared before it is renamed to `out`, so `out` is
+    either the old file or a complete, verified new one.
     """
-    stored, aliases, contiguous = dedupe(state)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    counts: tuple[dict[str, torch.Tensor], dict[str, str], int] = ({}, {}, 0)
+
+    def write(tmp: Path) -> None:
+        nonlocal counts
         if fmt == "safetensors":
-            meta = {"format": "pt", **metadata}
-            if aliases:
-                meta[ALIASES_KEY] = json.dumps(aliases)
-            _write(tmp, out, lambda p: save_file(stored, p, metadata=meta))
-            got, _meta = read_safetensors(tmp)
+            counts = save_safetensors(state, tmp, metadata)
         else:
             # Aliases point at the same tensor object, so torch.save stores tied weights once and keeps them tied.
-            full = {k: stored[k] if k in stored else stored[aliases[k]] for k in state}
-            _write(tmp, out, lambda p: torch.save(full, p))
+            counts = untie(state)
+            stored, aliases, _ = counts
+            torch.save({k: stored[aliases.get(k, k)] for k in state}, tmp)
+
+    def check(tmp: Path) -> None:
+        if fmt == "safetensors":
+            got, _meta = read_safetensors(tmp)
+        else:
             got = torch.load(tmp, map_location="cpu", weights_only=True)
         compare(state, got, str(out))
         del got  # drop the memory map of the temporary file before it is renamed
-        # safetensors creates its file private (0600); give the output the mode any new file gets here.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-        fsync(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    try:
+        write_atomic(out, write, check=check)
+    except UserError:
+        raise
+    except Exception as exc:  # OSError (permissions, disk full) or a dtype safetensors cannot store
+        raise UserError(f"cannot write {out}: {exc}") from None
+    stored, aliases, contiguous = counts
     return len(stored), aliases, contiguous
 
 
-def _write(tmp: Path, out: Path, save: Callable[[Path], None]) -> None:
-    try:
-        save(tmp)
-        fsync(tmp)
-    except Exception as exc:  # OSError (permissions, disk full) or a dtype safetensors cannot store
-        raise UserError(f"cannot write {out}: {exc}") from None
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (the provenance of a converted checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def default_output(src: Path, fmt: str) -> Path:
@@ -407,13 +366,6 @@ def _parse_rename(spec: str) -> tuple[str, str]:
     return old, new
 
 
-def human_bytes(n: float) -> str:
-    """A byte count for people: 2.25 MB, 595.9 kB, 44 B."""
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} MB"
-    return f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
-
-
 def run(args: argparse.Namespace, recipe_argv: list[str] | None) -> int:
     src: Path = args.input
     source_file = weights_file(src)
@@ -435,7 +387,7 @@ def run(args: argparse.Namespace, recipe_argv: list[str] | None) -> int:
     conv = convert_state(loaded, args.key, renames, not args.no_strip, args.add_prefix, source=str(src))
     size = sum(t.numel() * t.element_size() for t in conv.state.values())
     where = f"weights under {conv.weights_key!r}" if conv.weights_key else "a bare state dict"
-    print(f"{src}: {loaded.format}, {where} ({len(conv.state)} tensors, {human_bytes(size)})")
+    print(f"{src}: {loaded.format}, {where} ({len(conv.state)} tensors, {human(size, 'B')})")
     for line in loaded.notes + conv.changes:
         print(f"  {line}")
     if fmt == "safetensors":
@@ -460,7 +412,7 @@ def run(args: argparse.Namespace, recipe_argv: list[str] | None) -> int:
     for alias, target in aliases.items():
         print(f"  tied: {alias!r} is {target!r}, stored once")
     print(
-        f"wrote {out}: {n_stored} tensors, {human_bytes(out.stat().st_size)}; "
+        f"wrote {out}: {n_stored} tensors, {human(out.stat().st_size, 'B')}; "
         f"read back: all {len(conv.state)} equal (torch.equal)"
     )
 

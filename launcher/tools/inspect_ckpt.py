@@ -11,10 +11,17 @@ from typing import Any
 
 import torch
 
-from launcher.convert_ckpt import holds_tensors, human_bytes, is_optimizer_state
+from launcher.checkpoint.safe_load import load_checkpoint, sniff_format, unsafe_globals
+from launcher.checkpoint.state_dict import (
+    ALIASES_KEY,
+    WRAPPER_PREFIXES,
+    holds_tensors,
+    is_optimizer_state,
+    split_weights,
+)
+from launcher.checkpoint.weights import weights_file
 from launcher.errors import UserError
-from launcher.safe_load import ALIASES_KEY, load_checkpoint, sniff_format, unsafe_globals
-from launcher.state_dict import WRAPPER_PREFIXES, split_weights, weights_file
+from launcher.model_stats import human
 
 DESCRIPTION = """\
 Show what a checkpoint holds: its format, the wrapper dict's entries and which one holds
@@ -64,7 +71,7 @@ def describe(path: Path, key: str | None = None, list_all: bool = False) -> list
     path = weights_file(path)
     loaded = load_checkpoint(path)
     lines = [
-        f"file:      {path} ({human_bytes(path.stat().st_size)})",
+        f"file:      {path} ({human(path.stat().st_size, 'B')})",
         f"format:    {_format_line(loaded.format)}, read safely",
     ]
     lines += [f"note:      {n}" for n in loaded.notes]
@@ -76,7 +83,7 @@ def describe(path: Path, key: str | None = None, list_all: bool = False) -> list
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
     where = f"entry {weights_key!r}" if weights_key else "the whole file (a bare state dict)"
     lines.append(
-        f"weights:   {where}: {len(state)} tensors, {human_bytes(size)} "
+        f"weights:   {where}: {len(state)} tensors, {human(size, 'B')} "
         f"({', '.join(f'{d} x{n}' for d, n in dtypes.most_common())})"
     )
     lines.append(f"prefixes:  {prefix_report(list(state))}")
@@ -148,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.input.is_file():
             fmt = sniff_format(args.input)
             print(
-                f"file:      {args.input} ({human_bytes(args.input.stat().st_size)})\nformat:    {_format_line(fmt)}"
+                f"file:      {args.input} ({human(args.input.stat().st_size, 'B')})\nformat:    {_format_line(fmt)}"
             )
             if fmt in ("torch zip", "torch legacy") and (needed := unsafe_globals(args.input, fmt)):
                 print(f"needs:     {', '.join(needed)} (not allowed by the safe loader)")

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from launcher.files import read_jsonl
+
 if TYPE_CHECKING:
     from launcher.config import PreemptionConfig
 
@@ -118,7 +120,8 @@ def read_requeues(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / REQUEUE_LOG
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, _ = read_jsonl(path)  # a line cut short by a killed process is skipped
+    return records
 
 
 Runner = Callable[[list[str]], subprocess.CompletedProcess]
