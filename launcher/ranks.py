@@ -10,7 +10,7 @@ ranks that failed raise their own error; the others raise `PeerFailed`, which th
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from accelerate import PartialState
@@ -25,11 +25,17 @@ class PeerFailed(UserError):
     """Another rank failed and printed why; this one stops without a message of its own."""
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any (one all-reduce; no communication for one process)."""
+def any_rank(flag: bool, group: Any = None) -> bool:
+    """True on every rank when `flag` is true on any (one all-reduce; no communication for one process). The
+    one agreement helper of the project: setup pieces (`agreed`) and checkpoint saves use it. `group`: a gloo
+    group of the caller's own (a background thread must not use the default group's collectives)."""
     state = PartialState()
     if state.num_processes == 1:
         return flag
+    if group is not None:
+        tensor = torch.tensor([int(flag)])
+        torch.distributed.all_reduce(tensor, group=group)
+        return bool(tensor.item())
     tensor = torch.tensor([int(flag)], device=state.device)
     return bool(reduce(tensor, "sum").item())
 

@@ -25,10 +25,17 @@ from torch import nn
 from torchvision.datasets import CIFAR10, FakeData
 from torchvision.models import resnet18
 
-from launcher.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
-from launcher.errors import UserError
-from launcher.models import ModelTarget, build_from_target, check_output
-from launcher.recipe import Datasets
+from launcher import (
+    DataConfig,
+    Datasets,
+    ModelTarget,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    UserError,
+    build_from_target,
+    check_output,
+)
 
 
 @dataclass(kw_only=True)

@@ -25,10 +25,18 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from launcher.config import OptimConfig, ScheduleConfig, TrainConfig
-from launcher.data.image_folder import ImageFolderData, find_class_folders, open_image_folders
-from launcher.models import ModelTarget, build_from_target, check_output
-from launcher.recipe import Datasets
+from launcher import (
+    Datasets,
+    ImageFolderData,
+    ModelTarget,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    build_from_target,
+    check_output,
+    find_class_folders,
+    open_image_folders,
+)
 
 log = logging.getLogger("launcher")
 

@@ -15,9 +15,7 @@ from pathlib import Path
 from torch import nn
 from torchvision.datasets import MNIST
 
-from launcher.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
-from launcher.errors import UserError
-from launcher.recipe import Datasets
+from launcher import DataConfig, Datasets, OptimConfig, ScheduleConfig, TrainConfig, UserError
 
 
 @dataclass(kw_only=True)

@@ -52,6 +52,7 @@ from launcher.checkpoint.state_dict import load_into, strip_prefixes, untie
 from launcher.checkpoint.weights import read_own, save_safetensors
 from launcher.errors import CheckpointError, UserError
 from launcher.files import fsync, write_json_atomic
+from launcher.ranks import any_rank
 
 log = logging.getLogger("launcher")
 
@@ -405,19 +406,10 @@ class Checkpointer:
         return digests
 
     def _any_rank_failed(self, failed: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return failed
-        flag = torch.tensor([int(failed)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, "sum").item())
+        return any_rank(failed)
 
     def _background_any_failed(self, failed: bool) -> bool:
-        if self._group is None:
-            return failed
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(failed)])
-        dist.all_reduce(flag, group=self._group)
-        return bool(flag.item())
+        return any_rank(failed, group=self._group)
 
     def _commit(
         self,

@@ -2,7 +2,7 @@
 
 import sys
 
-from launcher.config import TrainConfig
+from launcher import TrainConfig
 
 config = TrainConfig()
 sys.exit(0)

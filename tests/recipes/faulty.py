@@ -11,9 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from launcher.config import DataConfig, TrainConfig
-from launcher.errors import UserError
-from launcher.recipe import Datasets
+from launcher import DataConfig, Datasets, TrainConfig, UserError
 
 
 @dataclass(kw_only=True)

@@ -9,8 +9,7 @@ from pathlib import Path
 from torch import nn
 from torchvision.datasets import MNIST
 
-from launcher.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
-from launcher.recipe import Datasets
+from launcher import DataConfig, Datasets, OptimConfig, ScheduleConfig, TrainConfig
 
 SEEN_DTYPES: set = set()
 

@@ -12,9 +12,7 @@ from torch import nn
 from torch.utils.data import Subset, random_split
 from torchvision.datasets import MNIST
 
-from launcher.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
-from launcher.errors import UserError
-from launcher.recipe import Datasets
+from launcher import DataConfig, Datasets, OptimConfig, ScheduleConfig, TrainConfig, UserError
 
 
 @dataclass(kw_only=True)
