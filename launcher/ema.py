@@ -4,12 +4,11 @@ decay_t = decay * min(1, t / warmup_steps) at optimizer step t: early averages f
 later ones average over about 1 / (1 - decay) steps. Floating-point parameters and buffers are averaged with one
 fused `_foreach_lerp_` per step (no allocation); integer buffers (BatchNorm's step counter) are copied.
 
-Why not `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn`: measured on the MNIST recipe's model
-(one CPU thread, median of 3 x 2,000 updates; /tmp-free script in the layout issue's closing note), an update
-costs 162 us here and 431 us there (2.7x): it rebuilds its parameter lists and regroups them by device and dtype
-on every call, and reads its `n_averaged` tensor on the host twice per update (`bool(n_averaged == 0)`), which on
-a GPU is a host sync per step. It also has no decay warm-up, and blends BatchNorm's integer step counter
-arithmetically instead of copying it.
+Why not `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn`: on the MNIST recipe's model an update
+costs 2.4-2.7x as long there (`python -m benchmarks.ema_update`, docs/benchmarks.md section 8): it rebuilds its
+parameter lists and regroups them by device and dtype on every call, and reads its `n_averaged` tensor on the
+host twice per update (`bool(n_averaged == 0)`), which on a GPU is a host sync per step. It also has no decay
+warm-up, and blends BatchNorm's integer step counter arithmetically instead of copying it.
 """
 
 from __future__ import annotations

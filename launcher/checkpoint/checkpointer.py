@@ -112,9 +112,7 @@ def pause_point(point: str, step: int, checkpoints: Path, file: str | None = Non
     marker = Path(os.environ.get("LAUNCHER_TEST_PAUSE_MARKER") or checkpoints.parent / PAUSE_MARKER)
     thread = threading.current_thread().name
     info = {"point": point, "file": file, "step": step, "pid": os.getpid(), "thread": thread}
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, marker)  # whoever waits for the marker never reads half of it
+    write_json_atomic(marker, info)  # whoever waits for the marker never reads half of it
     log.warning("WARNING: LAUNCHER_TEST_PAUSE_AT: save of step %d paused at %s until killed", step, point)
     while True:
         time.sleep(3600)
