@@ -1,6 +1,6 @@
 """launcher: a distributed training launcher for PyTorch. Recipes say what to train; the library says how.
 
-What a recipe imports, and nothing else: `from launcher import TrainConfig, DataConfig, Datasets, UserError`.
+What a recipe imports, and nothing else: `from launcher import TrainConfig, DataConfig, Datasets, Task, Loss`.
 The names load on first use, so that `launcher COMMAND` tools that need no torch do not pay for importing it.
 """
 
@@ -28,6 +28,8 @@ _EXPORTS = {
         "launcher.config",
     ),
     "Datasets": "launcher.recipe",
+    **dict.fromkeys(("Task", "Loss", "Classification", "output_tensor", "no_decay_groups"), "launcher.task"),
+    "Windows": "launcher.data.windows",
     "UserError": "launcher.errors",
     "ModelTarget": "launcher.models",
     "build_from_target": "launcher.models",

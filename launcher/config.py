@@ -156,8 +156,9 @@ class TrainConfig:
     """Directory that holds the run directories."""
     run_name: str | None = None
     """Run directory name under output_dir (default: <recipe>-<SLURM job id> on SLURM, else <recipe>-<time>)."""
-    phase: Literal["train", "test"] = "train"
-    """train, or test: evaluate --weights on the evaluation set and print the metrics, no training."""
+    phase: Literal["train", "test", "predict"] = "train"
+    """train; test: evaluate --weights on the evaluation set and print the metrics; predict: run the recipe's
+    predict(model, cfg, run_dir) with --weights (write predictions, sample text). No training in either."""
     weights: Path | None = None
     """Weights to load before training (fine-tuning) or to test: safetensors or a torch.save state dict."""
     resume: str = "auto"
@@ -185,7 +186,8 @@ class TrainConfig:
     eval_every_steps: int = 0
     """Also evaluate every this many optimizer steps (0: off)."""
     key_metric: str = "accuracy"
-    """Evaluation metric that decides the best checkpoint: accuracy or loss (ema_accuracy, ema_loss with EMA)."""
+    """Evaluation metric that decides the best checkpoint, watched by early stopping and the plateau schedule: any
+    metric of the recipe's task (classification: accuracy or loss; ema_NAME with EMA)."""
     key_metric_mode: Literal["max", "min"] = "max"
     """Whether a larger (max) or smaller (min) key metric is better."""
     data: DataConfig = field(default_factory=DataConfig)

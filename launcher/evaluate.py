@@ -1,25 +1,30 @@
-"""Evaluation: loss and top-1 accuracy over the whole evaluation set, summed on the device, reduced once."""
+"""Evaluation: a task's metrics over the whole evaluation set, summed on the device, reduced once; the test
+phase's per-class table and confusion figure for classification."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import convert_to_fp32
 
 from launcher.data import EvalData
+from launcher.errors import UserError
+from launcher.task import Task
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: EvalData, accelerator: Any
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Loss, accuracy and sample count, and the confusion matrix (rows: true class, columns: predicted).
+    model: torch.nn.Module, data: EvalData, accelerator: Any, task: Task
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The task's metrics over the whole evaluation set, and the totals they come from.
 
-    Each process evaluates its own shard (every sample exactly once, no padding); sums are all-reduced.
+    Each process evaluates its own shard (every sample exactly once, no padding). The task's per-batch sums are
+    added up on the device and all-reduced once; a process with an empty share contributes zeros of the shapes
+    the others report. `samples` is added to the metrics: how many samples were evaluated.
 
-    `model` should be the unwrapped model: the shards may differ in length by one batch, and a DDP forward
-    could otherwise wait for a collective the other processes never enter.
+    `model` should be the unwrapped model: the shards may differ in length by one batch, and a DDP forward could
+    otherwise wait for a collective the other processes never enter.
     """
     if accelerator.num_processes > 1:
         # Each rank updated its own BatchNorm statistics in its last training forward (DDP broadcasts rank 0's
@@ -28,33 +33,66 @@ def evaluate(
             torch.distributed.broadcast(buffer, src=0)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, count
-    confusion = torch.zeros(0, dtype=torch.int64, device=accelerator.device)
-    for images, labels in data:
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        # As in training, where Accelerate wraps the prepared model's forward the same way.
         with accelerator.autocast():
-            logits = model(images)
-        logits = logits.float()
-        predicted = logits.argmax(dim=1)
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
-        sums[1] += (predicted == labels).sum()
-        sums[2] += labels.numel()
-        classes = logits.shape[1]
-        if confusion.numel() == 0:
-            confusion = torch.zeros(classes * classes, dtype=torch.int64, device=accelerator.device)
-        confusion += torch.bincount(labels * classes + predicted, minlength=classes * classes)
+            return convert_to_fp32(model(*args, **kwargs))
+
+    totals: dict[str, torch.Tensor] = {}
+    for batch in data:
+        sums = task.evaluate(forward, batch)
+        if not totals:
+            _check_sums(task, sums)
+        for key, value in sums.items():
+            value = torch.as_tensor(value, device=accelerator.device)
+            value = value.double() if value.is_floating_point() else value.long()
+            totals[key] = totals[key] + value if key in totals else value
     model.train(was_training)
-    classes = int(confusion.numel() ** 0.5)
-    if accelerator.num_processes > 1:
-        # A process with an empty share saw no logits: agree on the class count before reducing the matrices,
-        # whose sizes must match on every process.
-        agreed = torch.tensor([classes], device=accelerator.device)
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-        classes = int(agreed.item())
-        if confusion.numel() == 0:
-            confusion = torch.zeros(classes * classes, dtype=torch.int64, device=accelerator.device)
-    loss, correct, count = accelerator.reduce(sums, "sum").tolist()
-    confusion = accelerator.reduce(confusion, "sum").view(classes, classes).cpu()
-    return {"loss": loss / count, "accuracy": correct / count, "samples": int(count)}, confusion
+    totals = _reduce(totals, accelerator)
+    metrics = task.metrics(totals)
+    _check_metrics(task, metrics)
+    return {**metrics, "samples": data.source.num_samples}, totals
+
+
+def _reduce(totals: dict[str, torch.Tensor], accelerator: Any) -> dict[str, torch.Tensor]:
+    """The totals of every process, added up. The processes first agree on the names and shapes (an empty
+    share has none), with one small object all-gather per evaluation."""
+    if accelerator.num_processes == 1:
+        return totals
+    local = {k: (tuple(v.shape), v.dtype) for k, v in totals.items()}
+    everyone: list[dict[str, Any]] = [{} for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather_object(everyone, local)
+    layout = {k: v for share in everyone for k, v in share.items()}
+    reduced = {}
+    for key, (shape, dtype) in sorted(layout.items()):
+        value = totals.get(key, torch.zeros(shape, dtype=dtype, device=accelerator.device))
+        reduced[key] = accelerator.reduce(value, "sum")
+    return reduced
+
+
+def _check_sums(task: Task, sums: Any) -> None:
+    where = f"{type(task).__qualname__}.evaluate"
+    if not isinstance(sums, dict) or not sums:
+        raise UserError(f"{where} must return a non-empty dict of sums, got {type(sums).__name__}")
+    for key, value in sums.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok or (isinstance(value, torch.Tensor) and (value.is_floating_point() or not value.is_complex()))
+        if not ok:
+            raise UserError(
+                f"{where} returned {key!r} = a {type(value).__name__}: not reducible; return tensors or numbers "
+                "that add up over batches and processes (sums and counts), and compute ratios in metrics()"
+            )
+
+
+def _check_metrics(task: Task, metrics: Any) -> None:
+    where = f"{type(task).__qualname__}.metrics"
+    if not isinstance(metrics, dict):
+        raise UserError(f"{where} must return a dict of numbers, got {type(metrics).__name__}")
+    if missing := [name for name in task.metric_names if name not in metrics]:
+        raise UserError(f"{where} returned no {missing} (the task's metric_names promise them)")
+    if bad := [k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]:
+        raise UserError(f"{where} returned non-numbers for {bad}; return Python floats (tensor.item())")
 
 
 def per_class_table(confusion: torch.Tensor, names: list[str] | None = None) -> str:

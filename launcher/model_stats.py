@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -13,13 +16,16 @@ def parameter_count(model: torch.nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def forward_flops(model: torch.nn.Module, sample: torch.Tensor) -> int:
-    """FLOPs of one forward pass on `sample` (a batch of one), counting a multiply-add as 2, in eval mode."""
+def forward_flops(
+    model: torch.nn.Module, batch: Any, forward: Callable[[torch.nn.Module, Any], Any] | None = None
+) -> int:
+    """FLOPs of one forward pass on `batch` (a batch of one sample), counting a multiply-add as 2, in eval mode.
+    `forward(model, batch)` calls the model (a task's forward); by default `model(batch)`."""
     was_training = model.training
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(sample)
+            forward(model, batch) if forward is not None else model(batch)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 
 from launcher.checkpoint import TrainState
 from launcher.config import TrainConfig
-from launcher.errors import TrainingDiverged
+from launcher.errors import TrainingDiverged, UserError
 from launcher.ranks import PeerFailed
 from launcher.run_dir import MetricsLog
+from launcher.task import Loss
 
 log = logging.getLogger("launcher")
 
@@ -40,6 +41,9 @@ class IntervalLog:
         self.cfg, self.state, self.accelerator, self.mlog = cfg, state, accelerator, mlog
         self.num_samples = num_samples
         self.loss_sum = torch.zeros((), device=accelerator.device)
+        # Units the task counted itself (tokens, pixels), when it does; otherwise the loss is per sample.
+        self.units: torch.Tensor | None = None
+        self.metric_sums: dict[str, torch.Tensor] = {}  # the task's training metrics, summed like the loss
         self.grad_norm: torch.Tensor | None = None
         self.lrs: list[tuple[int, float]] = []  # (step, lr) of every update of the interval
         self.skipped = 0  # updates the fp16 grad scaler skipped (inf/NaN gradients) in this interval
@@ -51,6 +55,17 @@ class IntervalLog:
             disable=not (accelerator.is_main_process and cfg.logging.progress_bar),
         )  # fmt: skip
         self._mark()
+
+    def add(self, loss: Loss) -> None:
+        """One micro-batch's loss and training metrics (on the device; nothing is read back here)."""
+        self.loss_sum += loss.sum.detach()
+        if loss.count is not None:
+            if self.units is None:
+                self.units = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
+            self.units += loss.count
+        for name, value in loss.metrics.items():
+            value = value.detach()
+            self.metric_sums[name] = self.metric_sums[name] + value if name in self.metric_sums else value
 
     def _mark(self, now: float | None = None) -> None:
         self.start_step, self.start_samples = self.state.step, self.state.samples_seen
@@ -64,8 +79,33 @@ class IntervalLog:
             return
         now = time.perf_counter()
         samples = state.samples_seen - self.start_samples
-        loss = acc.reduce(self.loss_sum, "sum").item() / max(1, samples)
-        values = {"train/loss": loss, "train/samples_per_s": samples / (now - self.start_time - self.paused)}
+        if self.units is None and not self.metric_sums:
+            loss, units = acc.reduce(self.loss_sum, "sum").item(), samples
+            means = {}
+        else:  # one all-reduce and one read-back for all of them
+            counted = (
+                self.units if self.units is not None else torch.zeros_like(self.loss_sum, dtype=torch.float64)
+            )
+            sums = torch.stack(
+                [self.loss_sum.double(), counted, *(v.double() for v in self.metric_sums.values())]
+            )
+            loss, counted_units, *metric_totals = acc.reduce(sums, "sum").tolist()
+            units = counted_units if self.units is not None else samples
+            if units == 0:
+                raise UserError(
+                    f"the task's loss counted 0 units in every micro-batch of steps {first + 1}-{state.step}: "
+                    "Task.loss must return a positive count (the number of tokens, pixels or samples its sum "
+                    "adds up)"
+                )
+            means = {f"train/{k}": v / units for k, v in zip(self.metric_sums, metric_totals, strict=True)}
+            self.units = None if self.units is None else self.units.zero_()
+            self.metric_sums.clear()
+        loss /= max(1, units)
+        values = {
+            "train/loss": loss,
+            **means,
+            "train/samples_per_s": samples / (now - self.start_time - self.paused),
+        }
         if self.grad_norm is not None:
             values["train/grad_norm"] = self.grad_norm.item()
         epoch = state.epoch + state.samples_in_epoch / self.num_samples

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from launcher.config import TrainConfig, from_dict
 from launcher.errors import UserError
+from launcher.task import Classification, Task
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -48,6 +49,39 @@ class Recipe:
     default: TrainConfig
     build_model: Callable[[Any], nn.Module]
     build_datasets: Callable[[Any], Datasets]
+    build_task: Callable[[Any], Task] | None = None
+    """The recipe's `build_task(cfg)`, if it defines one; otherwise the task is image classification."""
+    predict: Callable[[nn.Module, Any, Path], Any] | None = None
+    """The recipe's `predict(model, cfg, run_dir)` for --phase predict (write predictions, sample text), if any."""
+
+    def run_predict(self, model: nn.Module, cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+        """The recipe's `predict`, checked like `make_model`; what it returns (a dict) is the phase's result."""
+        if self.predict is None:
+            raise UserError(
+                f"recipe {_relative(self.path)} defines no predict(model, cfg, run_dir), which --phase predict "
+                "runs; use --phase test to evaluate weights"
+            )
+        with _recipe_code(self.path, "predict"):
+            result = self.predict(model, cfg, run_dir)
+        return result if isinstance(result, dict) else {}
+
+    def make_task(self, cfg: TrainConfig) -> Task:
+        """The recipe's task for `cfg` (`Classification()` when it defines no `build_task`), checked."""
+        if self.build_task is None:
+            return Classification()
+        with _recipe_code(self.path, "build_task"):
+            task = self.build_task(cfg)
+        if not isinstance(task, Task):
+            raise UserError(
+                f"recipe {_relative(self.path)}: build_task returned a {type(task).__name__}, not a "
+                "launcher.Task; return an instance of a Task subclass"
+            )
+        if "loss" not in task.metric_names:
+            raise UserError(
+                f"recipe {_relative(self.path)}: {type(task).__name__}.metric_names must include 'loss' "
+                f"(got {task.metric_names})"
+            )
+        return task
 
     def make_model(self, cfg: TrainConfig) -> nn.Module:
         """The recipe's `build_model(cfg)`, checked: failures and a wrong result are the recipe's to fix."""
@@ -121,6 +155,8 @@ def load_recipe(path: str | Path) -> Recipe:
         default=_recipe_config(module, path),
         build_model=_recipe_attr(module, "build_model", path),
         build_datasets=_recipe_attr(module, "build_datasets", path),
+        build_task=getattr(module, "build_task", None),
+        predict=getattr(module, "predict", None),
     )
 
 
@@ -204,7 +240,7 @@ def parse_config(recipe: Recipe, argv: Sequence[str], prog: str) -> TrainConfig:
     # Under `accelerate launch` every rank parses; only rank 0 prints help and errors.
     is_main = os.environ.get("RANK", "0") == "0"
     cfg = tyro.cli(type(default), default=default, args=argv, prog=prog, console_outputs=is_main)
-    return validate(cfg)
+    return validate(cfg, recipe.make_task(cfg).metric_names)
 
 
 def load_config_file(path: Path, cls: type) -> TrainConfig:
@@ -307,8 +343,9 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Checks tyro cannot express: ranges (`_value_rules`) and combinations. Each message names the flag."""
+def validate(cfg: TrainConfig, metric_names: Sequence[str] = ("loss", "accuracy")) -> TrainConfig:
+    """Checks tyro cannot express: ranges (`_value_rules`) and combinations. Each message names the flag.
+    `metric_names`: what the recipe's task evaluates, which --key-metric must name."""
     problems = _range_problems(cfg)
     optim, sched = cfg.optim, cfg.schedule
     # Combinations. Each compares with a value its own range allows, so one mistake is reported once.
@@ -318,9 +355,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problems.append(
             f"--data.mean and --data.std need the same length ({cfg.data.mean} vs {cfg.data.std})"
         )
-    if cfg.phase == "test" and cfg.weights is None:
-        problems.append("--phase test needs --weights PATH (a .safetensors or torch.save state dict)")
-    metrics = ("accuracy", "loss", "ema_accuracy", "ema_loss") if cfg.ema.decay > 0 else ("accuracy", "loss")
+    if cfg.phase in ("test", "predict") and cfg.weights is None:
+        problems.append(f"--phase {cfg.phase} needs --weights PATH (a .safetensors or torch.save state dict)")
+    names = sorted(metric_names)
+    metrics = names + [f"ema_{name}" for name in names] if cfg.ema.decay > 0 else names
     if cfg.key_metric not in metrics:
         problems.append(f"--key-metric must be one of {', '.join(metrics)} (got {cfg.key_metric!r})")
     if optim.name == "sgd" and optim.nesterov and optim.momentum == 0:  # torch's SGD refuses it

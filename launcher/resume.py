@@ -91,13 +91,14 @@ def load(
     cfg: TrainConfig,
     model: Any,
     optimizer: Any,
+    groups: Any,
     accelerator: Accelerator,
     plan: TrainPlan,
 ) -> ckpt.TrainState:
     """Every rank: the checkpoint `choose` picked into the model, optimizer, scaler and RNG; the position it
     resumes at, with this run's optimizer hyperparameters."""
     ckpt.load(path, model, optimizer, accelerator.scaler, accelerator, record)
-    apply_hyperparameters(optimizer, cfg.optim)
+    apply_hyperparameters(optimizer, cfg.optim, groups)
     state = ckpt.TrainState(**normalised(record["state"], plan))
     if any(k in changes(record["config"], cfg) for k in KEY_METRIC):  # allowed, so the best starts over
         state.best_value = state.best_step = None

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
@@ -30,7 +29,7 @@ from launcher import resume
 from launcher.checkpoint.state_dict import load_into, strip_prefixes
 from launcher.checkpoint.weights import read_weights, write_weights
 from launcher.cluster import preemption
-from launcher.config import TrainConfig, to_dict
+from launcher.config import OptimConfig, TrainConfig, to_dict
 from launcher.data import DeviceTransform, EvalData, Source, TrainData, TrainPlan
 from launcher.ema import EMA
 from launcher.errors import UserError
@@ -50,6 +49,7 @@ from launcher.run_dir import (
     write_provenance,
 )
 from launcher.schedules import Plateau, make_scheduler, reapply, run_length, schedule_steps
+from launcher.task import Loss, Task, confusion_matrix
 
 log = logging.getLogger("launcher")
 
@@ -91,7 +91,7 @@ def _check_launch(state: PartialState) -> None:
 
 def _run_dir(cfg: TrainConfig, recipe: Recipe) -> Path:
     """The run directory, named once on the main process and shared (a timestamp differs between ranks)."""
-    name = [cfg.run_name or default_run_name(recipe.name + ("-test" if cfg.phase == "test" else ""))]
+    name = [cfg.run_name or default_run_name(recipe.name + ("" if cfg.phase == "train" else f"-{cfg.phase}"))]
     if _process_state().num_processes > 1:
         broadcast_object_list(name)
     return cfg.output_dir / name[0]
@@ -166,6 +166,8 @@ def run(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
         accelerator = _make_accelerator(cfg, run_dir)
         if cfg.phase == "test":
             return _test(cfg, recipe, accelerator, run_dir)
+        if cfg.phase == "predict":
+            return _predict(cfg, recipe, accelerator, run_dir)
         mlog = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
         training = _setup(cfg, recipe, accelerator, run_dir, mlog)
         started = True
@@ -198,69 +200,90 @@ def _end(accelerator: Accelerator | None) -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _eval_data(cfg: TrainConfig, dataset: Any, accelerator: Accelerator) -> EvalData:
-    source = Source(dataset, cfg.data.in_memory, accelerator.device, cfg.data.num_workers)
-    transform = DeviceTransform(cfg.data, cfg.seed, accelerator.device)
-    return EvalData(
-        source, cfg.data.eval_batch_size, accelerator.num_processes, accelerator.process_index, transform
+def _source(cfg: TrainConfig, dataset: Any, task: Task, accelerator: Accelerator) -> Source:
+    return Source(
+        dataset, cfg.data.in_memory, accelerator.device, cfg.data.num_workers, task.images, task.collate_fn
     )
+
+
+def _transform(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> DeviceTransform | None:
+    """Image normalisation and augmentation on the device, for tasks on images (opt-in: `Task.images`)."""
+    return DeviceTransform(cfg.data, cfg.seed, accelerator.device) if task.images else None
+
+
+def _eval_data(cfg: TrainConfig, dataset: Any, task: Task, accelerator: Accelerator) -> EvalData:
+    source = _source(cfg, dataset, task, accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    return EvalData(source, cfg.data.eval_batch_size, world, rank, _transform(cfg, task, accelerator))
+
+
+def _trained_model(cfg: TrainConfig, recipe: Recipe) -> torch.nn.Module:
+    """The recipe's model with --weights loaded (the test and predict phases)."""
+    assert cfg.weights is not None
+    model = recipe.make_model(cfg)
+    load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
+    return model
 
 
 def _test(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
     _seed(cfg)
-    assert cfg.weights is not None
 
-    def build() -> tuple[torch.nn.Module, Any, EvalData]:
-        model = recipe.make_model(cfg)
-        load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
+    def build() -> tuple[torch.nn.Module, Task, Any, EvalData]:
+        model, task = _trained_model(cfg, recipe), recipe.make_task(cfg)
         dataset = recipe.make_datasets(cfg).eval
-        return model, dataset, _eval_data(cfg, dataset, accelerator)
+        return model, task, dataset, _eval_data(cfg, dataset, task, accelerator)
 
-    model, dataset, eval_data = agreed(build)
+    model, task, dataset, eval_data = agreed(build)
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    metrics, confusion = evaluate(
-        accelerator.unwrap_model(model, keep_torch_compile=False), eval_data, accelerator
+    metrics, totals = evaluate(
+        accelerator.unwrap_model(model, keep_torch_compile=False), eval_data, accelerator, task
     )
-    names = getattr(dataset, "classes", None)
-    log.info(
-        "test  %s: loss %.4f  accuracy %.4f  (%d samples)\n%s",
-        cfg.weights,
-        metrics["loss"],
-        metrics["accuracy"],
-        metrics["samples"],
-        per_class_table(confusion, names),
-    )
+    confusion, names = confusion_matrix(totals), getattr(dataset, "classes", None)
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
+    table = "" if confusion is None else "\n" + per_class_table(confusion, names)
+    log.info("test  %s: %s  (%d samples)%s", cfg.weights, shown, metrics["samples"], table)
+    record: dict[str, Any] = {"weights": str(cfg.weights), **metrics}
+    if confusion is not None:
+        record["per_class_accuracy"] = (confusion.diagonal() / confusion.sum(1).clamp(min=1)).tolist()
+        record["confusion"] = confusion.tolist()
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
-    per_class = (confusion.diagonal() / confusion.sum(1).clamp(min=1)).tolist()
-    metrics_log.write(
-        "test",
-        0,
-        0.0,
-        {
-            "weights": str(cfg.weights),
-            **metrics,
-            "per_class_accuracy": per_class,
-            "confusion": confusion.tolist(),
-        },
-    )
+    metrics_log.write("test", 0, 0.0, record)
     metrics_log.close()
     if accelerator.is_main_process and cfg.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
         accelerator.log({f"test/{k}": v for k, v in metrics.items() if k != "samples"}, step=0)
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_figure("test/confusion_matrix", confusion_figure(confusion, names), global_step=0)
+        if confusion is not None:
+            writer.add_figure("test/confusion_matrix", confusion_figure(confusion, names), global_step=0)
         writer.flush()
     return metrics
 
 
-def _build(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator) -> tuple[Any, TrainData, EvalData]:
-    """The recipe's model and data. Every rank builds them from the same seed, so that a recipe that splits or
-    shuffles with the global RNG gets the same split on every rank; the ranks' RNGs part only afterwards."""
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+def _predict(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
+    """The recipe's `predict(model, cfg, run_dir)` with --weights loaded, on the main process."""
+    _seed(cfg)
+    model = agreed(lambda: _trained_model(cfg, recipe))
+    model = accelerator.unwrap_model(accelerator.prepare_model(model, evaluation_mode=True))
+    result: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            result = recipe.run_predict(model, cfg, run_dir)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _build(
+    cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator
+) -> tuple[Any, Task, TrainData, EvalData]:
+    """The recipe's model, task and data. Every rank builds them from the same seed, so that a recipe that splits
+    or shuffles with the global RNG gets the same split on every rank; the ranks' RNGs part only afterwards."""
+    world, rank = accelerator.num_processes, accelerator.process_index
     _seed(cfg)
     model = recipe.make_model(cfg)
     if cfg.weights is not None:
         load_into(model, read_weights(cfg.weights), source=str(cfg.weights))
+    task = recipe.make_task(cfg)
     datasets = recipe.make_datasets(cfg)
     plan = TrainPlan(len(datasets.train), cfg.data.batch_size, world, rank, cfg.data.drop_last)
     if plan.batches_per_epoch == 0:
@@ -268,11 +291,9 @@ def _build(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator) -> tuple[
             f"the training set ({plan.num_samples} samples) is smaller than one global batch "
             f"({plan.global_batch}); lower --data.batch-size"
         )
-    source = Source(datasets.train, cfg.data.in_memory, device, cfg.data.num_workers)
-    train_data = TrainData(
-        source, plan, DeviceTransform(cfg.data, cfg.seed, device), cfg.seed, cfg.data.shuffle
-    )
-    return model, train_data, _eval_data(cfg, datasets.eval, accelerator)
+    source = _source(cfg, datasets.train, task, accelerator)
+    train_data = TrainData(source, plan, _transform(cfg, task, accelerator), cfg.seed, cfg.data.shuffle)
+    return model, task, train_data, _eval_data(cfg, datasets.eval, task, accelerator)
 
 
 @dataclass
@@ -285,6 +306,7 @@ class Run:
     accelerator: Accelerator
     dir: Path
     mlog: MetricsLog
+    task: Task  # what is computed: the loss of a batch, the metrics
     model: Any  # prepared by Accelerate (DDP-wrapped under several processes, then compiled with --compile)
     plain: torch.nn.Module  # the recipe's module itself: evaluation, best weights, EMA
     optimizer: Any
@@ -320,7 +342,7 @@ def _setup(
     cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: Path, mlog: MetricsLog
 ) -> Run:
     world, device = accelerator.num_processes, accelerator.device
-    model, train_data, eval_data = agreed(lambda: _build(cfg, recipe, accelerator))
+    model, task, train_data, eval_data = agreed(lambda: _build(cfg, recipe, accelerator))
     set_seed(cfg.seed, device_specific=True)  # dropout & co. differ between ranks; the init above did not
     plan = train_data.plan
     steps_per_epoch, total_steps = run_length(
@@ -334,7 +356,7 @@ def _setup(
         steps_per_epoch, total_steps,
     )  # fmt: skip
 
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(param_groups(task, model, cfg.optim), cfg.optim)
     fingerprint = {
         "model": ckpt.model_fingerprint(model),
         "optimizer": cfg.optim.name,
@@ -344,7 +366,7 @@ def _setup(
     model, optimizer = accelerator.prepare(model, optimizer)
     plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     parameters, trainable = parameter_count(plain_model)
-    flops = forward_flops(plain_model, eval_data.first())
+    flops = forward_flops(plain_model, eval_data.first(), task.forward)
     log.info(
         "model: %s parameters (%s trainable), %s forward FLOPs per sample",
         human(parameters), human(trainable), human(flops),
@@ -361,7 +383,8 @@ def _setup(
     resumed_from, record = agreed(lambda: resume.choose(cfg, checkpointer, fingerprint, plan), main_only=True)
     state = ckpt.TrainState()
     if resumed_from is not None:
-        state = resume.load(resumed_from, record, cfg, model, optimizer, accelerator, plan)
+        groups = param_groups(task, plain_model, cfg.optim)
+        state = resume.load(resumed_from, record, cfg, model, optimizer, groups, accelerator, plan)
     # Built after the resume, from the resumed weights: an EMA switched on in a resumed run averages from there.
     ema = EMA(plain_model, cfg.ema.decay, cfg.ema.warmup_steps) if cfg.ema.decay > 0 else None
     if ema is not None and resumed_from is not None:
@@ -385,7 +408,7 @@ def _setup(
         "parameters": parameters, "flops_per_sample": flops,
     })  # fmt: skip
     meta = {"fingerprint": fingerprint, "config": to_dict(cfg)}
-    return Run(cfg, accelerator, run_dir, mlog, model, plain_model, optimizer, scheduler, plateau, ema,
+    return Run(cfg, accelerator, run_dir, mlog, task, model, plain_model, optimizer, scheduler, plateau, ema,
                train_data, eval_data, total_steps, checkpointer, meta, state, saved_step=state.step)  # fmt: skip
 
 
@@ -398,9 +421,9 @@ def _evaluate(run: Run) -> None:
     cfg, state, acc = run.cfg, run.state, run.accelerator
     if run.evaluated_step == state.step:
         return
-    run.metrics, _ = evaluate(run.plain, run.eval_data, acc)
+    run.metrics, _ = evaluate(run.plain, run.eval_data, acc, run.task)
     if run.ema is not None:
-        ema_eval, _ = evaluate(run.ema.model, run.eval_data, acc)
+        ema_eval, _ = evaluate(run.ema.model, run.eval_data, acc, run.task)
         run.metrics |= {f"ema_{k}": v for k, v in ema_eval.items() if k != "samples"}
     run.evaluated_step = state.step
     sign = 1.0 if cfg.key_metric_mode == "max" else -1.0
@@ -471,7 +494,14 @@ def _finished(run: Run) -> bool:
 
 
 def _train(run: Run) -> dict[str, Any]:
-    cfg, accelerator, model, plan, state = run.cfg, run.accelerator, run.model, run.plan, run.state
+    cfg, accelerator, model, plan, state, task = (
+        run.cfg,
+        run.accelerator,
+        run.model,
+        run.plan,
+        run.state,
+        run.task,
+    )
     if accelerator.is_main_process and cfg.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
     interval = IntervalLog(cfg, state, plan.num_samples, run.total_steps, accelerator, run.mlog)
@@ -491,25 +521,38 @@ def _train(run: Run) -> dict[str, Any]:
             scales[value] = torch.tensor(value, device=accelerator.device)
         return scales[value]
 
+    # Units the task counts itself (tokens): summed over the window on the device, all-reduced at its end.
+    window_units: torch.Tensor | None = None
+    checked = False
     preemption.install()
     model.train()
     while not _finished(run):
         epoch, b = state.epoch, state.samples_in_epoch // plan.global_batch
-        for images, labels in run.train_data.epoch(epoch, b):
+        for batch in run.train_data.epoch(epoch, b):
             window_start = b - b % accum
             window_end = min(window_start + accum, micro_per_epoch)
             sync = b + 1 == window_end
-            # Normalise by the samples of the whole window on all processes, times the process count that DDP's
-            # averaging divides by: the gradient is the mean over the global batch, also for the shorter last
-            # window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
+            # Per-sample losses are normalised by the samples of the whole window on all processes, times the
+            # process count that DDP's averaging divides by: the gradient is the mean over the global batch, also
+            # for the shorter last window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
             window_samples = sum(plan.global_count(i) for i in range(window_start, window_end))
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = F.cross_entropy(model(images), labels, reduction="sum")
-                backward(loss, gradient=loss_scale(world / window_samples))
-            interval.loss_sum += loss.detach()
+                loss = task.loss(model, batch)
+                if not checked:  # once, on the first micro-batch: one host sync
+                    checked = _check_loss(loss, task)
+                    if loss.count is not None:
+                        window_units = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+                if window_units is None:
+                    backward(loss.sum, gradient=loss_scale(world / window_samples))
+                else:
+                    backward(loss.sum, gradient=loss_scale(1.0))
+                    window_units += _units(loss, task)
+            interval.add(loss)
             b += 1
             if not sync:
                 continue
+            if window_units is not None:  # counted units: the mean over the window's units on all processes
+                _normalise_gradients(run, window_units)
             lr = stepper.param_groups[0]["lr"]
             if cfg.optim.grad_clip_norm > 0:
                 interval.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
@@ -576,6 +619,53 @@ def _finish(run: Run) -> dict[str, Any]:
         run.dir,
     )  # fmt: skip
     return {**run.metrics, "best": state.best_value, "step": state.step, "run_dir": str(run.dir)}
+
+
+def param_groups(task: Task, model: torch.nn.Module, optim: OptimConfig) -> Any:
+    """The task's parameter groups for the optimizer, or all of the model's parameters."""
+    groups = task.param_groups(model, optim)
+    return model.parameters() if groups is None else groups
+
+
+def _check_loss(loss: Any, task: Task) -> bool:
+    """What the task's loss returned, checked once: a wrong return value is one clear error at the first step
+    rather than a traceback (or NaN) somewhere later."""
+    where = f"{type(task).__qualname__}.loss"
+    if not isinstance(loss, Loss):
+        raise UserError(f"{where} must return a launcher.Loss(sum, count), got a {type(loss).__name__}")
+    if not isinstance(loss.sum, torch.Tensor) or loss.sum.dim() != 0:
+        shape = tuple(loss.sum.shape) if isinstance(loss.sum, torch.Tensor) else type(loss.sum).__name__
+        raise UserError(
+            f"{where} returned a sum of shape {shape}, not a scalar: add up the per-unit losses "
+            "(reduction='sum') and return their count beside it"
+        )
+    if loss.count is not None and not float(loss.count) > 0:
+        raise UserError(
+            f"{where} returned a count of {float(loss.count):g}: the count is the number of units (tokens, "
+            "pixels, samples) the sum adds up, and must be positive"
+        )
+    return True
+
+
+def _units(loss: Loss, task: Task) -> torch.Tensor | int:
+    if loss.count is None:
+        raise UserError(
+            f"{type(task).__qualname__}.loss returned a count for the first batch but None for a later one; "
+            "return a count for every batch, or for none (then the units are samples)"
+        )
+    return loss.count
+
+
+def _normalise_gradients(run: Run, window_units: torch.Tensor) -> None:
+    """Gradients of summed losses divided by the units of the whole window on all processes (times the process
+    count that DDP's averaging divides by): the big batch's mean, whatever each micro-batch counted. One scalar
+    all-reduce, on the device; no host sync."""
+    world = run.accelerator.num_processes
+    if world > 1:
+        torch.distributed.all_reduce(window_units)
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, (world / window_units).to(grads[0].dtype))
+    window_units.zero_()
 
 
 def optimizer_step(stepper: Any) -> bool:

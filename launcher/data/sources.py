@@ -1,25 +1,33 @@
 """How samples reach the device, batch by batch, for training and evaluation.
 
-`in_memory` holds the dataset as one uint8 tensor on the device and gathers batches there (no workers, no host
-round trip); otherwise a DataLoader over the dataset loads the same index batches with worker processes. The
-order comes from `launcher.data.plan`, the transforms from `launcher.data.transforms`.
+A batch is whatever the task's batch format is: any nested tuple, list, dict or dataclass of tensors. `in_memory`
+holds the dataset on the device and gathers batches there (no workers, no host round trip):
+- a dataset with `gather(indices) -> batch` (and `to(device)`) gathers its own batches (`launcher.data.Windows`:
+  random windows of a token sequence);
+- an image dataset of (image, label) pairs becomes one uint8 image tensor and one int64 label tensor;
+- any other dataset is collated once, whole, into one batch of tensors whose rows are then gathered (with a
+  task's own `collate_fn`, its items are kept in a list and each batch is collated from them).
+Otherwise a DataLoader over the dataset loads the same index batches with worker processes. The order comes from
+`launcher.data.plan`, the image transforms from `launcher.data.transforms`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.functional import pil_to_tensor
 
 from launcher.data.plan import TrainPlan, epoch_order, mix_seed
 from launcher.data.transforms import DeviceTransform
 from launcher.errors import UserError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # the task's batch: a nested tuple, list, dict or dataclass of tensors
 
 
 def as_image_tensor(image: object) -> torch.Tensor:
@@ -51,60 +59,135 @@ def to_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([int(y) for _, y in items], dtype=torch.int64)
 
 
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """A batch with every tensor moved to `device`, whatever nests it: tuples (named ones too), lists, dicts and
+    dataclasses. Plain numbers, strings and None stay as they are; anything else cannot be moved and is an error.
+    (accelerate's send_to_device returns dataclasses unmoved.)"""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (int, float, bool, str, type(None))):
+        return batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device, non_blocking) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        changes = {
+            f.name: to_device(getattr(batch, f.name), device, non_blocking) for f in dataclasses.fields(batch)
+        }
+        return dataclasses.replace(batch, **changes)
+    raise UserError(
+        f"a batch holds a {type(batch).__name__}, which cannot be moved to the device: make the dataset (or the "
+        "task's collate_fn) return tensors, numbers, or tuples, lists, dicts and dataclasses of them"
+    )
+
+
+def _index(batch: Any, idx: torch.Tensor) -> Any:
+    """The rows `idx` of every tensor of a collated batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[idx]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _index(v, idx) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_index(v, idx) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_index(v, idx) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(
+            batch, **{f.name: _index(getattr(batch, f.name), idx) for f in dataclasses.fields(batch)}
+        )
+    return batch
+
+
 class _Indexed(Dataset):
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    """The dataset's items with their index (image items as a uint8 tensor and an int label)."""
+
+    def __init__(self, dataset: Dataset, images: bool) -> None:
+        self.dataset, self.images = dataset, images
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image, label = self.dataset[i]
-        return as_image_tensor(image), int(label), i
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        item = self.dataset[i]
+        if self.images:
+            image, label = item
+            item = (as_image_tensor(image), int(label))
+        return item, i
+
+
+class _Collate:
+    """(the batch the task's collate_fn makes of the items, their indices); a class so that workers can pickle it."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any] | None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, pairs: list[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
+        return self.collate_fn([item for item, _ in pairs]), torch.tensor([i for _, i in pairs])
 
 
 class Source:
-    """Where samples come from: a tensor on the device (in_memory) or a DataLoader over the dataset."""
+    """Where samples come from: the dataset held on the device (in_memory) or a DataLoader over it."""
 
-    def __init__(self, dataset: Dataset, in_memory: bool, device: torch.device, num_workers: int) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        in_memory: bool,
+        device: torch.device,
+        num_workers: int,
+        images: bool = True,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
         self.device, self.in_memory, self.num_workers = device, in_memory, num_workers
+        self.images, self.collate = images, _Collate(collate_fn)
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         if self.num_samples == 0:
             raise UserError("the dataset is empty")
-        if in_memory:
-            images, labels = to_tensors(dataset)
-            self.images, self.labels = images.to(device), labels.to(device)
+        self.gather: Callable[[torch.Tensor], Any]
+        self.on_host = False  # in memory, but as a list of items collated batch by batch
+        if not in_memory:
+            self.dataset = _Indexed(dataset, images)
+        elif hasattr(dataset, "gather"):
+            moved = dataset.to(device) if hasattr(dataset, "to") else dataset
+            self.gather = moved.gather
+        elif images:
+            tensors = tuple(t.to(device) for t in to_tensors(dataset))
+            self.gather = lambda idx: (tensors[0][idx], tensors[1][idx])
+        elif collate_fn is None:
+            whole = to_device(default_collate([dataset[i] for i in range(self.num_samples)]), device)
+            self.gather = lambda idx: _index(whole, idx)
         else:
-            self.dataset = _Indexed(dataset)
+            items = [dataset[i] for i in range(self.num_samples)]
+            self.on_host = True
+            self.gather = lambda idx: to_device(collate_fn([items[i] for i in idx.tolist()]), device)
 
     @property
     def index_device(self) -> torch.device:
-        return self.device if self.in_memory else torch.device("cpu")
+        return self.device if self.in_memory and not self.on_host else torch.device("cpu")
 
     def batches(
         self, index_batches: Iterable[torch.Tensor], seed: int = 0
-    ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(images, labels, indices) on the device for each batch of indices; `seed` seeds loader workers."""
+    ) -> Iterator[tuple[Any, torch.Tensor]]:
+        """(batch, indices) on the device for each batch of indices; `seed` seeds loader workers."""
         if self.in_memory:
             for idx in index_batches:
-                yield self.images[idx], self.labels[idx], idx
+                yield self.gather(idx), idx
             return
         loader = DataLoader(
             self.dataset,
             batch_sampler=[idx.tolist() for idx in index_batches],
             num_workers=self.num_workers,
+            collate_fn=self.collate,
             pin_memory=self.device.type == "cuda",
             # Workers' seeds come from this generator, not from the global RNG: creating an iterator (at a
             # resume, or for an evaluation) must not shift the RNG stream that dropout and friends draw from.
             generator=torch.Generator().manual_seed(seed),
         )
         try:
-            for images, labels, idx in loader:
-                yield (
-                    images.to(self.device, non_blocking=True),
-                    labels.to(self.device, non_blocking=True),
-                    idx.to(self.device, non_blocking=True),
-                )
+            for batch, idx in loader:
+                yield to_device(batch, self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
         except UserError as exc:
             # A worker's UserError (an unreadable image, say) arrives wrapped in the worker's traceback text;
             # the user needs only its message.
@@ -115,9 +198,12 @@ class Source:
 
 
 class TrainData:
-    """The training batches of one process, epoch by epoch, from any batch on."""
+    """The training batches of one process, epoch by epoch, from any batch on. With a transform, batches are
+    (images, labels) and the images are augmented and normalised on the device."""
 
-    def __init__(self, source: Source, plan: TrainPlan, transform: DeviceTransform, seed: int, shuffle: bool):
+    def __init__(
+        self, source: Source, plan: TrainPlan, transform: DeviceTransform | None, seed: int, shuffle: bool
+    ):
         self.source, self.plan, self.transform = source, plan, transform
         self.seed, self.shuffle = seed, shuffle
 
@@ -127,16 +213,22 @@ class TrainData:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         n = self.plan.num_samples
         order = epoch_order(n, self.seed, epoch, self.shuffle).to(self.source.index_device)
-        params = self.transform.epoch_params(n, epoch)
+        params = self.transform.epoch_params(n, epoch) if self.transform is not None else None
         index_batches = (self.plan.rank_slice(order, b) for b in range(start, len(self)))
-        for images, labels, idx in self.source.batches(index_batches, mix_seed(self.seed, epoch, start)):
-            yield self.transform.train(images, idx, params), labels
+        for batch, idx in self.source.batches(index_batches, mix_seed(self.seed, epoch, start)):
+            if self.transform is None:
+                yield batch
+            else:
+                images, labels = batch
+                yield self.transform.train(images, idx, params), labels
 
 
 class EvalData:
     """This process's share of the evaluation set: every sample exactly once across processes, no padding."""
 
-    def __init__(self, source: Source, batch_size: int, world: int, rank: int, transform: DeviceTransform):
+    def __init__(
+        self, source: Source, batch_size: int, world: int, rank: int, transform: DeviceTransform | None
+    ):
         self.source, self.transform = source, transform
         self.indices = torch.arange(source.num_samples)[rank::world].to(source.index_device)
         self.batch_size = batch_size
@@ -145,12 +237,18 @@ class EvalData:
         # A process whose share is empty (fewer samples than processes) has no batch at all: an empty index
         # batch would reach the DataLoader's collate function, which cannot stack nothing.
         batches = self.indices.split(self.batch_size) if len(self.indices) else ()
-        for images, labels, _ in self.source.batches(batches):
-            yield self.transform.normalize(images), labels
+        for batch, _ in self.source.batches(batches):
+            yield self._normalised(batch)
 
-    def first(self, n: int = 1) -> torch.Tensor:
-        """The first n evaluation images of the whole set (the same on every process), normalised (e.g. to count
-        FLOPs)."""
+    def _normalised(self, batch: Batch) -> Batch:
+        if self.transform is None:
+            return batch
+        images, labels = batch
+        return self.transform.normalize(images), labels
+
+    def first(self, n: int = 1) -> Batch:
+        """The batch of the first n evaluation samples of the whole set (the same on every process), as the
+        model sees them (e.g. to count FLOPs)."""
         indices = torch.arange(min(n, self.source.num_samples)).to(self.source.index_device)
-        images, _, _ = next(self.source.batches([indices]))
-        return self.transform.normalize(images)
+        batch, _ = next(self.source.batches([indices]))
+        return self._normalised(batch)
