@@ -10,14 +10,15 @@ from accelerate.utils import convert_to_fp32
 
 from launcher.data import EvalData
 from launcher.errors import UserError
-from launcher.task import Task
+from launcher.task import Classification, Task, confusion_matrix
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: EvalData, accelerator: Any, task: Task
-) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """The task's metrics over the whole evaluation set, and the totals they come from.
+    model: torch.nn.Module, data: EvalData, accelerator: Any, task: Task | None = None
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The task's metrics over the whole evaluation set (`Classification()` by default), and for classification
+    the confusion matrix (rows: true class, columns: predicted; None for other tasks).
 
     Each process evaluates its own shard (every sample exactly once, no padding). The task's per-batch sums are
     added up on the device and all-reduced once; a process with an empty share contributes zeros of the shapes
@@ -31,6 +32,7 @@ def evaluate(
         # buffers only at the start of a forward): evaluate with rank 0's, the copy that checkpoints save.
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
+    task = task or Classification()
     was_training = model.training
     model.eval()
 
@@ -52,7 +54,7 @@ def evaluate(
     totals = _reduce(totals, accelerator)
     metrics = task.metrics(totals)
     _check_metrics(task, metrics)
-    return {**metrics, "samples": data.source.num_samples}, totals
+    return {**metrics, "samples": data.source.num_samples}, confusion_matrix(totals)
 
 
 def _reduce(totals: dict[str, torch.Tensor], accelerator: Any) -> dict[str, torch.Tensor]:

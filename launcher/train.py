@@ -49,7 +49,7 @@ from launcher.run_dir import (
     write_provenance,
 )
 from launcher.schedules import Plateau, make_scheduler, reapply, run_length, schedule_steps
-from launcher.task import Loss, Task, confusion_matrix
+from launcher.task import Loss, Task
 
 log = logging.getLogger("launcher")
 
@@ -235,10 +235,10 @@ def _test(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: P
 
     model, task, dataset, eval_data = agreed(build)
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    metrics, totals = evaluate(
+    metrics, confusion = evaluate(
         accelerator.unwrap_model(model, keep_torch_compile=False), eval_data, accelerator, task
     )
-    confusion, names = confusion_matrix(totals), getattr(dataset, "classes", None)
+    names = getattr(dataset, "classes", None)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
     table = "" if confusion is None else "\n" + per_class_table(confusion, names)
     log.info("test  %s: %s  (%d samples)%s", cfg.weights, shown, metrics["samples"], table)

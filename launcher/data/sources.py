@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torchvision.transforms.functional import pil_to_tensor
 
 from launcher.data.plan import TrainPlan, epoch_order, mix_seed
@@ -156,7 +156,10 @@ class Source:
             tensors = tuple(t.to(device) for t in to_tensors(dataset))
             self.gather = lambda idx: (tensors[0][idx], tensors[1][idx])
         elif collate_fn is None:
-            whole = to_device(default_collate([dataset[i] for i in range(self.num_samples)]), device)
+            if isinstance(dataset, TensorDataset):  # already one tensor per field
+                whole = tuple(t.to(device) for t in dataset.tensors)
+            else:
+                whole = to_device(default_collate([dataset[i] for i in range(self.num_samples)]), device)
             self.gather = lambda idx: _index(whole, idx)
         else:
             items = [dataset[i] for i in range(self.num_samples)]
