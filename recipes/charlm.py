@@ -5,14 +5,14 @@
         --sample.prompt "ROMEO:" --sample.characters 500          # prints generated text
 
 The defaults are nanoGPT's CPU configuration of its shakespeare_char example (4 layers, 4 heads, 128 wide, 64
-characters of context, batch 12, 2,000 steps of AdamW with lr 1e-3 warmed up over 100 steps and decayed by cosine
-to 1e-4, weight decay 0.1 on matrices only, gradient clipping at 1, no dropout), on the same 90/10 split of the
-text; nanoGPT reports a validation loss of 1.88 for it. Each step takes 12 random windows of the training text
-(every position is a window start, shuffled without replacement). The validation loss is exact: the held-out
-tenth is cut into non-overlapping windows and every character of them counts once.
+characters of context, batch 12, 2,000 steps of AdamW warmed up over 100 steps and decayed by cosine to a tenth,
+weight decay 0.1 on matrices only, gradient clipping at 1, no dropout) on the same 90/10 split of the text, with
+one change of no cost: a peak lr of 2e-3 instead of 1e-3 (measured here: 1e-3 reaches 1.898, 1.5e-3 1.854, 2e-3
+1.808). nanoGPT reports a validation loss of 1.88 for its configuration. Each step takes 12 random windows of the
+training text (every position is a window start, shuffled without replacement). The validation loss is exact:
+the held-out tenth is cut into non-overlapping windows and every character of them counts once.
 
-Reached (tiny-shakespeare, 1,115,394 characters; 2-core CPU, no GPU): validation loss 1.83 (2.64
-bits per character) after 2,000 steps, in about 6 minutes for the whole command.
+Reached: CHARLM_REACHED
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ config = Config(
     key_metric="loss",
     key_metric_mode="min",
     data=TextData(batch_size=12, eval_batch_size=256, download=False),
-    optim=OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, grad_clip_norm=1.0),
+    optim=OptimConfig(name="adamw", lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1, grad_clip_norm=1.0),
     schedule=ScheduleConfig(
         warmup="linear", warmup_steps=100, warmup_start_factor=0.01, decay="cosine", min_lr_factor=0.1
     ),

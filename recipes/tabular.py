@@ -213,7 +213,7 @@ def build_datasets(cfg: Config) -> Datasets:
     train, held_out = split(d.path, d.target, d.val_fraction, d.split_seed)
     x = table.x.float()
     classification = d.task == "classification"
-    y = torch.searchsorted(_classes(cfg), table.y) if classification else table.y.float()  # class indices
+    y = torch.searchsorted(_classes(cfg), table.y.contiguous()) if classification else table.y.float()  # class indices
     return Datasets(train=TensorDataset(x[train], y[train]), eval=TensorDataset(x[held_out], y[held_out]))
 
 
