@@ -494,36 +494,20 @@ def _finished(run: Run) -> bool:
 
 
 def _train(run: Run) -> dict[str, Any]:
-    cfg, accelerator, model, plan, state, task = (
-        run.cfg,
-        run.accelerator,
-        run.model,
-        run.plan,
-        run.state,
-        run.task,
-    )
+    cfg, accelerator, model, state, task = run.cfg, run.accelerator, run.model, run.state, run.task
+    plan = run.plan
     if accelerator.is_main_process and cfg.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
     interval = IntervalLog(cfg, state, plan.num_samples, run.total_steps, accelerator, run.mlog)
-    accum, world, micro_per_epoch = cfg.grad_accum_steps, accelerator.num_processes, len(run.train_data)
+    accum, micro_per_epoch = cfg.grad_accum_steps, len(run.train_data)
     # Accelerate's optimizer wrapper only forwards step() and zero_grad() unless a grad scaler (fp16) is in use,
     # and doing so costs ~100 us per step on CPU (two is_lomo_available() import lookups and an inspect.signature
     # per call; benchmarks/loop_overhead.py): without a scaler, step the wrapped optimizer itself.
     stepper = run.optimizer if accelerator.scaler is not None else run.optimizer.optimizer
     # For the same reason, backward: accelerator.backward adds a division by its accumulation steps (always 1:
-    # the loop scales losses itself) to what a scaler needs. The scale enters as backward's incoming gradient,
-    # one cached tensor per distinct value, instead of a multiplication and its autograd node per step.
+    # the loop scales losses itself) to what a scaler needs. The scale enters as backward's incoming gradient.
     backward = accelerator.backward if accelerator.scaler is not None else torch.Tensor.backward
-    scales: dict[float, torch.Tensor] = {}
-
-    def loss_scale(value: float) -> torch.Tensor:
-        if value not in scales:
-            scales[value] = torch.tensor(value, device=accelerator.device)
-        return scales[value]
-
-    # Units the task counts itself (tokens): summed over the window on the device, all-reduced at its end.
-    window_units: torch.Tensor | None = None
-    checked = False
+    normaliser = _Normaliser(run)
     preemption.install()
     model.train()
     while not _finished(run):
@@ -532,27 +516,17 @@ def _train(run: Run) -> dict[str, Any]:
             window_start = b - b % accum
             window_end = min(window_start + accum, micro_per_epoch)
             sync = b + 1 == window_end
-            # Per-sample losses are normalised by the samples of the whole window on all processes, times the
-            # process count that DDP's averaging divides by: the gradient is the mean over the global batch, also
-            # for the shorter last window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
+            # The gradient is the mean over the window's units on all processes (see _Normaliser), also for the
+            # shorter last window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
             window_samples = sum(plan.global_count(i) for i in range(window_start, window_end))
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss = task.loss(model, batch)
-                if not checked:  # once, on the first micro-batch: one host sync
-                    checked = _check_loss(loss, task)
-                    if loss.count is not None:
-                        window_units = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-                if window_units is None:
-                    backward(loss.sum, gradient=loss_scale(world / window_samples))
-                else:
-                    backward(loss.sum, gradient=loss_scale(1.0))
-                    window_units += _units(loss, task)
+                backward(loss.sum, gradient=normaliser.scale(loss, window_samples))
             interval.add(loss)
             b += 1
             if not sync:
                 continue
-            if window_units is not None:  # counted units: the mean over the window's units on all processes
-                _normalise_gradients(run, window_units)
+            normaliser.end_window()
             lr = stepper.param_groups[0]["lr"]
             if cfg.optim.grad_clip_norm > 0:
                 interval.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
@@ -627,6 +601,59 @@ def param_groups(task: Task, model: torch.nn.Module, optim: OptimConfig) -> Any:
     return model.parameters() if groups is None else groups
 
 
+class _Normaliser:
+    """How each micro-batch's summed loss becomes the big batch's mean gradient (launcher.task explains why).
+
+    DDP averages the gradients of the processes, so every scale carries the process count. Units that are samples
+    are known before the forward pass: the scale is processes / samples of the window. Units the task counts
+    (tokens) are known only after it: in a window of one micro-batch, the all-reduced count scales that backward;
+    in a longer one, the plain sums are backpropagated, the counts added up on the device, and the gradients
+    divided by their all-reduced total at the window's end. No host sync either way, besides the check of the
+    task's first loss."""
+
+    def __init__(self, run: Run) -> None:
+        self.task, self.model, self.device = run.task, run.model, run.accelerator.device
+        self.world, self.accum = run.accelerator.num_processes, run.cfg.grad_accum_steps
+        self.counted: bool | None = None  # decided by the first loss
+        self.units = torch.zeros((), dtype=torch.float64, device=self.device)  # of the window so far
+        self._constants: dict[float, torch.Tensor] = {}
+
+    def _constant(self, value: float) -> torch.Tensor:
+        """One cached tensor per distinct value, instead of a new tensor every step."""
+        if value not in self._constants:
+            self._constants[value] = torch.tensor(value, device=self.device)
+        return self._constants[value]
+
+    def scale(self, loss: Any, window_samples: int) -> torch.Tensor:
+        """The incoming gradient for this micro-batch's `loss.sum`."""
+        if self.counted is None:
+            self.counted = _check_loss(loss, self.task)
+        if (loss.count is not None) != self.counted:
+            raise UserError(
+                f"{type(self.task).__qualname__}.loss returned a count for some batches and None for others; "
+                "return a count for every batch, or for none (then the units are samples)"
+            )
+        if not self.counted:
+            return self._constant(self.world / window_samples)
+        count = torch.as_tensor(loss.count, device=self.device).to(torch.float64)
+        if self.accum == 1:
+            if self.world > 1:
+                torch.distributed.all_reduce(count)
+            return (self.world / count).to(loss.sum.dtype)
+        self.units += count
+        return self._constant(1.0)
+
+    def end_window(self) -> None:
+        """After the window's last backward: divide by its counted units, where they were not known earlier."""
+        if not self.counted or self.accum == 1:
+            return
+        if self.world > 1:
+            torch.distributed.all_reduce(self.units)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, (self.world / self.units).to(grads[0].dtype))
+        self.units.zero_()
+
+
 def _check_loss(loss: Any, task: Task) -> bool:
     """What the task's loss returned, checked once: a wrong return value is one clear error at the first step
     rather than a traceback (or NaN) somewhere later."""
@@ -644,28 +671,7 @@ def _check_loss(loss: Any, task: Task) -> bool:
             f"{where} returned a count of {float(loss.count):g}: the count is the number of units (tokens, "
             "pixels, samples) the sum adds up, and must be positive"
         )
-    return True
-
-
-def _units(loss: Loss, task: Task) -> torch.Tensor | int:
-    if loss.count is None:
-        raise UserError(
-            f"{type(task).__qualname__}.loss returned a count for the first batch but None for a later one; "
-            "return a count for every batch, or for none (then the units are samples)"
-        )
-    return loss.count
-
-
-def _normalise_gradients(run: Run, window_units: torch.Tensor) -> None:
-    """Gradients of summed losses divided by the units of the whole window on all processes (times the process
-    count that DDP's averaging divides by): the big batch's mean, whatever each micro-batch counted. One scalar
-    all-reduce, on the device; no host sync."""
-    world = run.accelerator.num_processes
-    if world > 1:
-        torch.distributed.all_reduce(window_units)
-    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    torch._foreach_mul_(grads, (world / window_units).to(grads[0].dtype))
-    window_units.zero_()
+    return loss.count is not None
 
 
 def optimizer_step(stepper: Any) -> bool:

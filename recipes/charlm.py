@@ -12,7 +12,9 @@ one change of no cost: a peak lr of 2e-3 instead of 1e-3 (measured here: 1e-3 re
 training text (every position is a window start, shuffled without replacement). The validation loss is exact:
 the held-out tenth is cut into non-overlapping windows and every character of them counts once.
 
-Reached: CHARLM_REACHED
+Reached (tiny-shakespeare, 1,115,394 characters; 2-core Intel Xeon VM with AVX-512, no GPU; `python -m
+benchmarks.charlm --anchor`): validation loss 1.808 (2.61 bits per character) after 2,000 steps, 84 s for the
+whole command, of which 69 s of training steps.
 """
 
 from __future__ import annotations

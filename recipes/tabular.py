@@ -35,6 +35,7 @@ from launcher import (
     DataConfig,
     Datasets,
     EarlyStoppingConfig,
+    LoggingConfig,
     Loss,
     OptimConfig,
     ScheduleConfig,
@@ -81,6 +82,7 @@ config = Config(
     data=TableData(batch_size=32, eval_batch_size=512, drop_last=False, download=False),
     optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=1e-2),
     schedule=ScheduleConfig(decay="constant"),
+    logging=LoggingConfig(every_steps=12),  # once an epoch: 354 training rows in batches of 32
 )
 
 

@@ -3,10 +3,13 @@ exactly across processes, parameter groups, and one-line errors for tasks that r
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,9 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from conftest import REPO, TEST_RECIPES, accelerate_launch, final_weights, train
-from launcher.data import epoch_order
+from launcher.data import epoch_order, to_device
 from launcher.recipe import load_recipe, parse_config
+from launcher.task import output_tensor
 
 PADDED = TEST_RECIPES / "padded_lm.py"
 
@@ -90,6 +94,37 @@ def test_accumulation_gives_the_big_batch_gradient_over_tokens_and_over_samples(
         ]
         assert train(*args, *extra) == 0
         _assert_close(_step(tmp_path / name, initial), want)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_collate_fn_that_pads_each_batch_gives_the_same_gradient(tmp_path, in_memory):
+    """Unpadded lines, padded per batch by the task's collate_fn (in memory, and through DataLoader workers): the
+    same gradient as the big padded batch, whatever each batch's width."""
+    initial, want, _ = _reference("lm")
+    args = [PADDED, "--padding", "batch", "--output-dir", tmp_path, "--run-name", "c", "--logging.no-progress-bar",
+            "--data.batch-size", "2", "--grad-accum-steps", "4", "--data.num-workers", "1"]  # fmt: skip
+    assert train(*args, "--data.in-memory" if in_memory else "--data.no-in-memory") == 0
+    _assert_close(_step(tmp_path / "c", initial), want)
+
+
+def test_batches_of_any_nesting_reach_the_device_and_model_outputs_of_any_kind_give_logits():
+    @dataclasses.dataclass
+    class Batch:
+        tokens: torch.Tensor
+        extra: dict
+
+    Pair = collections.namedtuple("Pair", "a b")
+    batch = {
+        "x": (torch.zeros(2), [Pair(torch.ones(1), 3)]),
+        "d": Batch(torch.zeros(1), {"k": torch.ones(2)}),
+    }
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["x"][0].is_meta and moved["x"][1][0].a.is_meta and moved["x"][1][0].b == 3
+    assert isinstance(moved["x"][1][0], Pair) and moved["d"].tokens.is_meta and moved["d"].extra["k"].is_meta
+    logits = torch.randn(2, 3)
+    hf_like = types.SimpleNamespace(logits=logits, loss=None)
+    for output in (logits, (logits, "aux"), {"logits": logits}, hf_like):
+        assert output_tensor(output) is logits
 
 
 @pytest.mark.slow

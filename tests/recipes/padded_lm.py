@@ -37,6 +37,8 @@ class Config(TrainConfig):
     """lm: next character, loss per real token; classify: one label per line, loss per sample."""
     lines: int = 32
     """How many lines of the text are the training set."""
+    padding: Literal["dataset", "batch"] = "dataset"
+    """dataset: every line padded to the longest of all (tensors); batch: a collate_fn pads each batch's lines."""
 
 
 config = Config(
@@ -87,8 +89,31 @@ def build_model(cfg: Config) -> nn.Module:
     return TinyModel(64) if cfg.kind == "lm" else LineClassifier(4)
 
 
+class Lines(torch.utils.data.Dataset):
+    """The lines unpadded: item i is (inputs, targets) of line i, of its own length."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.items = [(x[t != IGNORE], t[t != IGNORE]) for x, t in zip(inputs, targets, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.items[i]
+
+
+def pad(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of lines padded to its own longest line."""
+    inputs = nn.utils.rnn.pad_sequence([x for x, _ in items], batch_first=True, padding_value=0)
+    targets = nn.utils.rnn.pad_sequence([t for _, t in items], batch_first=True, padding_value=IGNORE)
+    return inputs, targets
+
+
 def build_datasets(cfg: Config) -> Datasets:
     inputs, targets, classes = tensors(cfg.lines)
+    if cfg.padding == "batch":
+        lines = Lines(inputs, targets)
+        return Datasets(train=lines, eval=lines)
     data = TensorDataset(inputs, targets if cfg.kind == "lm" else classes)
     return Datasets(train=data, eval=data)
 
@@ -109,4 +134,9 @@ class PaddedLM(Task):
 
 
 def build_task(cfg: Config) -> Task:
-    return PaddedLM() if cfg.kind == "lm" else Classification(images=False)
+    if cfg.kind == "classify":
+        return Classification(images=False)
+    task = PaddedLM()
+    if cfg.padding == "batch":
+        task.collate_fn = pad
+    return task
