@@ -5,7 +5,7 @@ later ones average over about 1 / (1 - decay) steps. Floating-point parameters a
 fused `_foreach_lerp_` per step (no allocation); integer buffers (BatchNorm's step counter) are copied.
 
 Why not `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn`: on the MNIST recipe's model an update
-costs 2.4-2.7x as long there (`python -m benchmarks.ema_update`, docs/benchmarks.md section 8): it rebuilds its
+costs 2.4x as long there (`python -m benchmarks.ema_update`, docs/benchmarks.md section 8): it rebuilds its
 parameter lists and regroups them by device and dtype on every call, and reads its `n_averaged` tensor on the
 host twice per update (`bool(n_averaged == 0)`), which on a GPU is a host sync per step. It also has no decay
 warm-up, and blends BatchNorm's integer step counter arithmetically instead of copying it.

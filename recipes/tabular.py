@@ -1,16 +1,17 @@
 """A table in a CSV file: regression (MSE) or classification (cross-entropy) with an MLP, early-stopped on the
 validation loss.
 
-    python -m launcher.train recipes/tabular.py --data.path ../shared/data/diabetes/diabetes.csv
+    python -m launcher.train recipes/tabular.py --data.path ../shared/data/diabetes/diabetes.csv --run-name diabetes
     python -m launcher.train recipes/tabular.py --data.path ../shared/data/diabetes/diabetes.csv \
         --data.task classification --data.target sex --key-metric accuracy --key-metric-mode max
-    python -m launcher.train recipes/tabular.py --phase predict --weights runs/RUN/best.safetensors \
-        --data.path new.csv                                   # writes RUN-predict.../predictions.csv
+    python -m launcher.train recipes/tabular.py --phase predict --weights runs/diabetes/best.safetensors \
+        --data.path ../shared/data/diabetes/diabetes.csv      # writes runs/tabular-predict-.../predictions.csv
 
-Reached (diabetes, 442 patients, 10 features, target = disease progression after a year; the same fixed split
-of 354 training and 88 held-out rows that ordinary least squares gets in tests/test_tabular.py; 2-core CPU):
-validation R² 0.487 at the best step (OLS on the same split: 0.474), MSE 2,853, MAE 41.6; about 12 s for the
-whole command, early-stopped after 45 epochs.
+Reached (diabetes: 442 patients, 10 features, target = disease progression a year later; the fixed split of 354
+training and 88 held-out rows, split seed 0; 2-core Intel Xeon VM, no GPU): validation R² 0.477 at the best step
+(epoch 18), MSE 3,146, MAE 45.6; ordinary least squares on the same split reaches R² 0.482
+(tests/test_tabular.py computes it and checks the recipe stays within 0.03). Early stopping ended the run after
+38 epochs; 3.9 s for the whole command.
 
 The features are standardised with the mean and standard deviation of the training rows only, and the model
 carries them (and the target's) as buffers: best.safetensors and every checkpoint hold what a prediction needs.
@@ -215,7 +216,9 @@ def build_datasets(cfg: Config) -> Datasets:
     train, held_out = split(d.path, d.target, d.val_fraction, d.split_seed)
     x = table.x.float()
     classification = d.task == "classification"
-    y = torch.searchsorted(_classes(cfg), table.y.contiguous()) if classification else table.y.float()  # class indices
+    y = (
+        torch.searchsorted(_classes(cfg), table.y.contiguous()) if classification else table.y.float()
+    )  # class indices
     return Datasets(train=TensorDataset(x[train], y[train]), eval=TensorDataset(x[held_out], y[held_out]))
 
 
