@@ -21,6 +21,7 @@ _EXPORTS = {
             "EMAConfig",
             "LoggingConfig",
             "OptimConfig",
+            "ParallelConfig",
             "PreemptionConfig",
             "ScheduleConfig",
             "TrainConfig",

@@ -124,6 +124,14 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole model (DistributedDataParallel). fsdp: parameters, gradients and optimizer
+    state are sharded across the processes (FSDP2 `fully_shard`, the recipe's `fsdp_units` as sharding units) and
+    checkpoints are written shard by shard (torch.distributed.checkpoint)."""
+
+
+@dataclass(kw_only=True)
 class PreemptionConfig:
     check_every_steps: int = 10
     """Several processes agree on a stop signal every this many steps (an all-reduce + host sync); one: every step."""
@@ -198,6 +206,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

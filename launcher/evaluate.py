@@ -15,7 +15,11 @@ from launcher.task import Classification, Task, confusion_matrix
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: EvalData, accelerator: Any, task: Task | None = None
+    model: torch.nn.Module,
+    data: EvalData,
+    accelerator: Any,
+    task: Task | None = None,
+    collective: bool = False,
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """The task's metrics over the whole evaluation set (`Classification()` by default), and for classification
     the confusion matrix (rows: true class, columns: predicted; None for other tasks).
@@ -25,7 +29,9 @@ def evaluate(
     the others report. `samples` is added to the metrics: how many samples were evaluated.
 
     `model` should be the unwrapped model: the shards may differ in length by one batch, and a DDP forward could
-    otherwise wait for a collective the other processes never enter.
+    otherwise wait for a collective the other processes never enter. A sharded model's forward is such a collective
+    (it gathers the parameters): with `collective`, a process with fewer batches runs as many more forwards on the
+    set's first sample as the others have batches left, and drops their sums.
     """
     if accelerator.num_processes > 1:
         # Each rank updated its own BatchNorm statistics in its last training forward (DDP broadcasts rank 0's
@@ -50,6 +56,9 @@ def evaluate(
             value = torch.as_tensor(value, device=accelerator.device)
             value = value.double() if value.is_floating_point() else value.long()
             totals[key] = totals[key] + value if key in totals else value
+    if collective:
+        for _ in range(data.most_batches() - data.num_batches()):
+            task.evaluate(forward, data.first())
     model.train(was_training)
     totals = _reduce(totals, accelerator)
     metrics = task.metrics(totals)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from launcher.checkpoint import TrainState
 from launcher.config import TrainConfig
 from launcher.errors import TrainingDiverged, UserError
+from launcher.parallel import local
 from launcher.ranks import PeerFailed
 from launcher.run_dir import MetricsLog
 from launcher.task import Loss
@@ -107,7 +108,7 @@ class IntervalLog:
             "train/samples_per_s": samples / (now - self.start_time - self.paused),
         }
         if self.grad_norm is not None:
-            values["train/grad_norm"] = self.grad_norm.item()
+            values["train/grad_norm"] = local(self.grad_norm).item()
         epoch = state.epoch + state.samples_in_epoch / self.num_samples
         record = {k[6:]: v for k, v in values.items()}
         if self.lrs:

@@ -51,6 +51,8 @@ class Recipe:
     build_datasets: Callable[[Any], Datasets]
     build_task: Callable[[Any], Task] | None = None
     """The recipe's `build_task(cfg)`, if it defines one; otherwise the task is image classification."""
+    fsdp_units: Callable[[nn.Module], Any] | None = None
+    """The recipe's `fsdp_units(model)`: the submodules --parallel.strategy fsdp shards one by one (blocks)."""
     predict: Callable[[nn.Module, Any, Path], Any] | None = None
     """The recipe's `predict(model, cfg, run_dir)` for --phase predict (write predictions, sample text), if any."""
 
@@ -157,6 +159,7 @@ def load_recipe(path: str | Path) -> Recipe:
         build_datasets=_recipe_attr(module, "build_datasets", path),
         build_task=getattr(module, "build_task", None),
         predict=getattr(module, "predict", None),
+        fsdp_units=getattr(module, "fsdp_units", None),
     )
 
 
@@ -366,6 +369,15 @@ def validate(cfg: TrainConfig, metric_names: Sequence[str] = ("loss", "accuracy"
             "--optim.nesterov needs --optim.momentum above 0 (got 0.0); "
             "set a momentum or pass --optim.no-nesterov"
         )
+    if cfg.parallel.strategy == "fsdp":
+        # Not yet with sharded parameters: each needs its own handling of the shards (docs in the README).
+        unsupported = {"--ema.decay": cfg.ema.decay > 0, "--compile": cfg.compile,
+                       "--checkpoint.async-save": cfg.checkpoint.async_save,
+                       "--mixed-precision fp16": cfg.mixed_precision == "fp16"}  # fmt: skip
+        for flag in (flag for flag, used in unsupported.items() if used):
+            problems.append(
+                f"{flag} is not supported with --parallel.strategy fsdp yet; use ddp, or leave it out"
+            )
     if sched.decay == "plateau" and sched.gamma == 1:  # torch's ReduceLROnPlateau refuses it
         problems.append("--schedule.gamma must be below 1 for --schedule.decay plateau (got 1.0)")
     if sched.warmup in ("exponential", "constant") and sched.warmup_start_factor == 0:

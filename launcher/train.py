@@ -6,7 +6,6 @@ recipe owns the model and the data; everything else is this file and its small h
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from launcher import checkpoint as ckpt
 from launcher import resume
+from launcher.checkpoint.sharded import tied_names
 from launcher.checkpoint.state_dict import load_into, strip_prefixes
 from launcher.checkpoint.weights import read_weights, write_weights
 from launcher.cluster import preemption
@@ -36,6 +36,7 @@ from launcher.errors import UserError
 from launcher.evaluate import confusion_figure, evaluate, per_class_table
 from launcher.model_stats import forward_flops, human, parameter_count
 from launcher.optim import build_optimizer
+from launcher.parallel import full_state_dict, gradient_sync, is_sharded, local_shard, shard
 from launcher.progress import IntervalLog
 from launcher.ranks import PeerFailed, agreed
 from launcher.recipe import Recipe, load_recipe, parse_config
@@ -141,9 +142,12 @@ def _seed(cfg: TrainConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    """<run>/NAME.safetensors with clean keys (main process)."""
-    write_weights(strip_prefixes(model.state_dict()), path)
+def _save_weights(model: torch.nn.Module, path: Path, is_main: bool) -> None:
+    """<run>/NAME.safetensors with clean keys, written by the main process; every process calls it (a sharded
+    model's weights are gathered from all of them)."""
+    state = full_state_dict(model) if is_sharded(model) or is_main else {}
+    if is_main:
+        write_weights(strip_prefixes(state), path)
 
 
 def _resume_hint(cfg: TrainConfig, run_dir: Path) -> str:
@@ -356,17 +360,28 @@ def _setup(
         steps_per_epoch, total_steps,
     )  # fmt: skip
 
-    optimizer = build_optimizer(param_groups(task, model, cfg.optim), cfg.optim)
     fingerprint = {
         "model": ckpt.model_fingerprint(model),
         "optimizer": cfg.optim.name,
         "global_batch": global_batch,
         "train_samples": plan.num_samples,
     }
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    parameters, trainable = parameter_count(plain_model)
-    flops = forward_flops(plain_model, eval_data.first(), task.forward)
+    fsdp = cfg.parallel.strategy == "fsdp"
+    parameters, trainable = parameter_count(model)
+    aliases = tied_names(model)  # asked before sharding (see launcher.checkpoint.sharded)
+    if fsdp and world > 1:  # sharded: FSDP2 itself, not Accelerate's DDP (see launcher.parallel)
+        # FLOPs are counted on the whole model, and the optimizer is built right after sharding, before any
+        # forward: FSDP2's lazy initialisation in a first forward without gradients replaces the parameters.
+        flops = forward_flops(model.to(device), eval_data.first(), task.forward)
+        model = shard(model, recipe.fsdp_units, cfg, world)
+        groups = param_groups(task, model, cfg.optim)
+        optimizer = accelerator.prepare_optimizer(build_optimizer(groups, cfg.optim))
+        plain_model = model
+    else:
+        optimizer = build_optimizer(param_groups(task, model, cfg.optim), cfg.optim)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        flops = forward_flops(plain_model, eval_data.first(), task.forward)
     log.info(
         "model: %s parameters (%s trainable), %s forward FLOPs per sample",
         human(parameters), human(trainable), human(flops),
@@ -378,6 +393,8 @@ def _setup(
         cfg.checkpoint.keep_last,
         cfg.checkpoint.tolerate_save_failures,
         async_save=cfg.checkpoint.async_save,
+        sharded=fsdp,
+        aliases=aliases,
     )
     # The main process alone picks and verifies the checkpoint and checks what changed; every rank loads it.
     resumed_from, record = agreed(lambda: resume.choose(cfg, checkpointer, fingerprint, plan), main_only=True)
@@ -421,7 +438,7 @@ def _evaluate(run: Run) -> None:
     cfg, state, acc = run.cfg, run.state, run.accelerator
     if run.evaluated_step == state.step:
         return
-    run.metrics, _ = evaluate(run.plain, run.eval_data, acc, run.task)
+    run.metrics, _ = evaluate(run.plain, run.eval_data, acc, run.task, collective=is_sharded(run.plain))
     if run.ema is not None:
         ema_eval, _ = evaluate(run.ema.model, run.eval_data, acc, run.task)
         run.metrics |= {f"ema_{k}": v for k, v in ema_eval.items() if k != "samples"}
@@ -435,9 +452,10 @@ def _evaluate(run: Run) -> None:
     improved = finite and (previous_best is None or sign * value > sign * previous_best)
     if improved:
         state.best_value, state.best_step = value, state.step
-        if acc.is_main_process:
-            from_ema = run.ema is not None and cfg.key_metric.startswith("ema_")
-            _save_weights(run.ema.model if from_ema else run.plain, run.dir / "best.safetensors")
+        from_ema = run.ema is not None and cfg.key_metric.startswith("ema_")
+        _save_weights(
+            run.ema.model if from_ema else run.plain, run.dir / "best.safetensors", acc.is_main_process
+        )
     elif not finite:
         log.warning("WARNING: a non-finite evaluation at step %d does not count as the best", state.step)
     run.mlog.write("eval", state.step, run.epoch, {**run.metrics, "best_" + cfg.key_metric: state.best_value})
@@ -519,7 +537,7 @@ def _train(run: Run) -> dict[str, Any]:
             # The gradient is the mean over the window's units on all processes (see _Normaliser), also for the
             # shorter last window of an epoch. Non-final micro-batches skip DDP's all-reduce (no_sync).
             window_samples = sum(plan.global_count(i) for i in range(window_start, window_end))
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            with gradient_sync(model, accelerator, sync):
                 loss = task.loss(model, batch)
                 backward(loss.sum, gradient=normaliser.scale(loss, window_samples))
             interval.add(loss)
@@ -583,8 +601,8 @@ def _finish(run: Run) -> dict[str, Any]:
     _evaluate(run)
     _save(run)
     run.checkpointer.wait()
-    if run.ema is not None and run.accelerator.is_main_process:
-        _save_weights(run.ema.model, run.dir / "ema.safetensors")
+    if run.ema is not None:
+        _save_weights(run.ema.model, run.dir / "ema.safetensors", run.accelerator.is_main_process)
     final = {**run.metrics, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step}
     run.mlog.write("final", state.step, run.epoch, final)
     log.info(
@@ -649,7 +667,8 @@ class _Normaliser:
             return
         if self.world > 1:
             torch.distributed.all_reduce(self.units)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # The local shards of a sharded model's gradients: the factor is the same for every element.
+        grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, (self.world / self.units).to(grads[0].dtype))
         self.units.zero_()
 

@@ -265,3 +265,9 @@ def predict(model: GPT, cfg: Config, run_dir: Path) -> dict:
     print(text)
     (run_dir / "sample.txt").write_text(text)
     return {"sample": text}
+
+
+def fsdp_units(model: GPT) -> list[nn.Module]:
+    """What --parallel.strategy fsdp shards one by one: the transformer blocks (the embeddings, tied to the output
+    layer, stay with the root)."""
+    return list(model.blocks)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.checkpoint import sharded
 from launcher.checkpoint.format import (
     CHUNK_BYTES,
     FORMAT,
@@ -200,6 +201,8 @@ class _Snapshot:
     scaler: dict[str, Any] | None = None
     record: str | None = None  # state.json text
     committed: bool = False  # set once the rename made it a checkpoint
+    # Sharded checkpoints: every rank writes its shards of the live model and optimizer (synchronous saves only).
+    shards: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None
 
 
 class Checkpointer:
@@ -212,8 +215,14 @@ class Checkpointer:
         keep_last: int,
         tolerate_failures: bool,
         async_save: bool = False,
+        sharded: bool = False,
+        aliases: dict[str, str] | None = None,
     ) -> None:
         self.dir = Path(run_dir) / "checkpoints"
+        self.sharded = sharded  # write the model and optimizer shard by shard (launcher.checkpoint.sharded)
+        self.aliases = aliases or {}  # the model's tied parameter names (sharded.tied_names before sharding)
+        if sharded and async_save:
+            raise UserError("--checkpoint.async-save is not supported with sharded checkpoints yet")
         self.accelerator = accelerator
         self.keep_last = keep_last
         self.tolerate_failures = tolerate_failures
@@ -304,6 +313,17 @@ class Checkpointer:
     ) -> _Snapshot:
         acc = self.accelerator
         snap = _Snapshot(step=state.step, best_step=state.best_step, rng=rng_state())
+        if self.sharded:
+            module = (
+                model
+                if sharded.is_sharded_model(model)
+                else acc.unwrap_model(model, keep_torch_compile=False)
+            )
+            snap.shards = (module, sharded.optimizer_of(optimizer))
+            if acc.is_main_process:
+                record = {"format": FORMAT, "state": asdict(state), "world_size": acc.num_processes, **meta}
+                snap.record = json.dumps(record, indent=2) + "\n"
+            return snap
         if not acc.is_main_process:
             return snap
         weights = strip_prefixes(acc.unwrap_model(model, keep_torch_compile=False).state_dict())
@@ -385,8 +405,18 @@ class Checkpointer:
             if self.accelerator.is_main_process:
                 digests[name] = submit_digest(pool, path)
 
-        rng = tmp / f"rng-{self.accelerator.process_index:05d}.pt"
+        rank = self.accelerator.process_index
+        rng = tmp / f"rng-{rank:05d}.pt"
         put(rng.name, lambda p: _torch_save(snap.rng, p))
+        if snap.shards is not None:
+            sharded.save(
+                *snap.shards, tmp, self.aliases
+            )  # every rank: its own __RANK_0.distcp; the main one .metadata too
+            for path in sorted(tmp.glob(f"__{rank}_*.distcp")) + ([tmp / ".metadata"] if rank == 0 else []):
+                pause_point("written", snap.step, self.dir, path.name)
+                synced.append(syncer.submit(fsync, path))
+            if snap.record is not None:
+                put("state.json", lambda p: p.write_text(snap.record))
         if snap.weights is not None:
             assert snap.record is not None
             # The largest file first (with Adam, the optimizer state is twice the weights), so that hashing it
@@ -559,9 +589,20 @@ def load(
     hashing the same files would be wasted I/O). Without it, the checkpoint is verified here."""
     if record is None:
         record = verify(path)
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    load_into(unwrapped, read_own(path / "model.safetensors"), source=str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    module = (
+        model
+        if sharded.is_sharded_model(model)
+        else accelerator.unwrap_model(model, keep_torch_compile=False)
+    )
+    if sharded.is_sharded(path):  # into a sharded or a whole model alike: the shards are resharded
+        sharded.load(module, sharded.optimizer_of(optimizer), path)
+    elif sharded.is_sharded_model(module):  # a whole checkpoint into a sharded model
+        weights = read_own(path / "model.safetensors")
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        sharded.load_whole(module, sharded.optimizer_of(optimizer), weights, optimizer_state)
+    else:
+        load_into(module, read_own(path / "model.safetensors"), source=str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scaler_file = path / "scaler.pt"
     if scaler is not None and scaler_file.is_file():
         scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))

@@ -3,6 +3,7 @@
 Layout of one checkpoint, `<run>/checkpoints/step-00001200/`:
 
     model.safetensors   model weights, clean keys (no `module.` / `_orig_mod.`); tied tensors stored once
+    .metadata, __R_0.distcp   instead of model.safetensors and optimizer.pt when sharded (launcher.checkpoint.sharded)
     ema.safetensors     the exponential moving average of the weights (only with --ema.decay)
     optimizer.pt        optimizer state dict (torch.save; loads with weights_only=True)
     scaler.pt           fp16 grad-scaler state (only when a scaler is in use)
@@ -49,8 +50,11 @@ TMP_PREFIX = ".tmp-"
 SUPERSEDED = "superseded"
 CHUNK_BYTES = 64 << 20  # checksum granularity: chunks hash in parallel, and a mismatch names its offset
 REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
+# A sharded checkpoint (--parallel.strategy fsdp) holds torch.distributed.checkpoint's files instead of the first two.
+REQUIRED_SHARDED = (".metadata", "state.json")
 ALLOWED = re.compile(
-    r"^(model\.safetensors|ema\.safetensors|optimizer\.pt|scaler\.pt|state\.json|rng-\d{5}\.pt)$"
+    r"^(model\.safetensors|ema\.safetensors|optimizer\.pt|scaler\.pt|state\.json|rng-\d{5}\.pt"
+    r"|\.metadata|__\d+_\d+\.distcp)$"
 )
 STATE_FIELDS = {"format", "state", "world_size", "fingerprint", "config"}
 FINGERPRINT_FIELDS = ("model", "optimizer", "global_batch", "train_samples")
@@ -168,7 +172,8 @@ def _verify(path: Path) -> dict[str, Any]:
     for name in sorted(present | set(files)):
         if not ALLOWED.match(name):
             raise CheckpointError(f"{path}: unknown entry {name!r}")
-    if missing := sorted((set(REQUIRED) | set(files)) - present):
+    required = REQUIRED_SHARDED if ".metadata" in present | set(files) else REQUIRED
+    if missing := sorted((set(required) | set(files)) - present):
         raise CheckpointError(f"{path}: missing {missing}")
     if extra := sorted(present - set(files)):
         raise CheckpointError(f"{path}: entries not listed in {MARKER}: {extra}")

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from launcher.checkpoint import sharded
 from launcher.checkpoint.format import verify
 from launcher.checkpoint.safe_load import load_checkpoint
 from launcher.checkpoint.state_dict import aliases_metadata, strip_prefixes, tie, untie, unwrap
@@ -51,7 +52,11 @@ def read_weights(path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
     """Model weights from a .safetensors file, a torch.save file or a launcher checkpoint folder, prefixes
     stripped. torch.save files are read with weights_only=True only (see launcher.checkpoint.safe_load); a
     launcher checkpoint folder (`step-00001200/`) is verified and its model.safetensors read."""
-    path = weights_file(Path(path))
+    path = Path(path)
+    if path.is_dir() and sharded.is_sharded(path):  # a checkpoint of --parallel.strategy fsdp
+        verify(path)
+        return strip_prefixes(sharded.read_weights(path))
+    path = weights_file(path)
     return strip_prefixes(unwrap(load_checkpoint(path).obj, key, source=str(path)))
 
 

@@ -234,7 +234,7 @@ class EvalData:
     ):
         self.source, self.transform = source, transform
         self.indices = torch.arange(source.num_samples)[rank::world].to(source.index_device)
-        self.batch_size = batch_size
+        self.batch_size, self.world = batch_size, world
 
     def __iter__(self) -> Iterator[Batch]:
         # A process whose share is empty (fewer samples than processes) has no batch at all: an empty index
@@ -242,6 +242,14 @@ class EvalData:
         batches = self.indices.split(self.batch_size) if len(self.indices) else ()
         for batch, _ in self.source.batches(batches):
             yield self._normalised(batch)
+
+    def num_batches(self) -> int:
+        """This process's batches."""
+        return -(-len(self.indices) // self.batch_size)
+
+    def most_batches(self) -> int:
+        """The batches of the process with the largest share (rank 0's)."""
+        return -(-(-(-self.source.num_samples // self.world)) // self.batch_size)
 
     def _normalised(self, batch: Batch) -> Batch:
         if self.transform is None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from launcher.checkpoint import sharded
+from launcher.checkpoint.format import verify
 from launcher.checkpoint.safe_load import Loaded, load_checkpoint, read_safetensors
 from launcher.checkpoint.state_dict import (
     add_prefix,
@@ -368,7 +370,8 @@ def _parse_rename(spec: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace, recipe_argv: list[str] | None) -> int:
     src: Path = args.input
-    source_file = weights_file(src)
+    shards = src.is_dir() and sharded.is_sharded(src)  # a checkpoint of --parallel.strategy fsdp
+    source_file = src / sharded.METADATA if shards else weights_file(src)
     fmt = args.format or (
         "pt" if args.output is not None and args.output.suffix in PT_SUFFIXES else "safetensors"
     )
@@ -382,7 +385,13 @@ def run(args: argparse.Namespace, recipe_argv: list[str] | None) -> int:
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such folder for the output")
 
-    loaded = load_checkpoint(source_file, allow_unsafe=args.unsafe_load_pickled_code)
+    if shards:
+        verify(src)
+        loaded = Loaded(
+            sharded.read_weights(src), "sharded launcher checkpoint (torch.distributed.checkpoint)"
+        )
+    else:
+        loaded = load_checkpoint(source_file, allow_unsafe=args.unsafe_load_pickled_code)
     renames = [_parse_rename(r) for r in args.rename]
     conv = convert_state(loaded, args.key, renames, not args.no_strip, args.add_prefix, source=str(src))
     size = sum(t.numel() * t.element_size() for t in conv.state.values())
