@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -72,7 +73,8 @@ def _check_launch(state: PartialState) -> None:
     """Refuse launches that would not train what they seem to: processes that do not form one group (plain
     `torchrun` on CPU without ACCELERATE_USE_CPU: every process trains alone as rank 0, into the same run
     directory), and backends this loop does not drive (it bypasses Accelerate's backward and optimizer wrappers
-    and saves a rank-0 state_dict, which under FSDP or DeepSpeed would hang or save a shard)."""
+    and saves with its own checkpointer; Accelerate's FSDP plugin and DeepSpeed would shard behind its back).
+    Sharding is --parallel.strategy fsdp, which applies FSDP2 itself (launcher.parallel)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > state.num_processes:
         raise UserError(
@@ -85,8 +87,9 @@ def _check_launch(state: PartialState) -> None:
         name = chosen[0] if chosen else state.distributed_type.value
         raise UserError(
             f"the accelerate configuration selects {name}, which this launcher does not drive yet: it trains on "
-            "one device or with DDP. Launch with `accelerate launch --multi_gpu --num_processes N` and a config "
-            "whose distributed_type is MULTI_GPU (run `accelerate config`, or pass --config_file)"
+            "one device, with DDP, or with its own FSDP (--parallel.strategy fsdp). Launch with `accelerate "
+            "launch --multi_gpu --num_processes N` and a config whose distributed_type is MULTI_GPU (run "
+            "`accelerate config`, or pass --config_file), adding --parallel.strategy fsdp to shard the model"
         )
 
 
@@ -603,7 +606,8 @@ def _finish(run: Run) -> dict[str, Any]:
     run.checkpointer.wait()
     if run.ema is not None:
         _save_weights(run.ema.model, run.dir / "ema.safetensors", run.accelerator.is_main_process)
-    final = {**run.metrics, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step}
+    final = {**run.metrics, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step,
+             "memory": _memory(run)}  # fmt: skip
     run.mlog.write("final", state.step, run.epoch, final)
     log.info(
         "done: step %d, final %s %.4f, best %s at step %s; run directory %s",
@@ -691,6 +695,22 @@ def _check_loss(loss: Any, task: Task) -> bool:
             "pixels, samples) the sum adds up, and must be positive"
         )
     return loss.count is not None
+
+
+def _memory(run: Run) -> list[dict[str, int]]:
+    """Per rank: the bytes of the parameters, gradients and optimizer state it holds (a sharded tensor's local
+    shard only) and its peak resident memory. Every rank takes part (one object all-gather)."""
+    tensors = [p for p in run.model.parameters()] + [
+        p.grad for p in run.model.parameters() if p.grad is not None
+    ]
+    tensors += [v for s in run.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    held = sum(t.numel() * t.element_size() for t in map(local_shard, tensors))
+    mine = {"state_bytes": held, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if run.accelerator.num_processes == 1:
+        return [mine]
+    everyone: list[Any] = [None] * run.accelerator.num_processes
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
 
 
 def optimizer_step(stepper: Any) -> bool:

@@ -87,8 +87,8 @@ def test_two_sharded_processes_train_as_one_and_export_a_clean_state_dict(runs, 
 
 @pytest.mark.slow
 def test_sharded_and_whole_checkpoints_resume_on_another_process_count_and_strategy(runs):
-    """2 FSDP processes -> 1 process (FSDP -> DDP), and 1 process -> 2 FSDP processes (DDP -> FSDP), each from
-    step 3 to 6, end where the uninterrupted single process ends."""
+    """2 FSDP processes -> 1 process (FSDP -> DDP), and 1 process -> 2 FSDP processes (DDP -> FSDP, with 2-step
+    accumulation: the same global batch), each from step 3 to 6, end where the uninterrupted single process ends."""
     two3 = runs / "two" / "checkpoints" / "step-00000003"
     one3 = runs / "one" / "checkpoints" / "step-00000003"
     assert train(*_args(runs, "two-to-one", "--data.batch-size", "12", "--resume", two3)) == 0
@@ -96,8 +96,9 @@ def test_sharded_and_whole_checkpoints_resume_on_another_process_count_and_strat
         read_weights(runs / "two-to-one" / "checkpoints" / "step-00000006"),
         read_weights(runs / "one" / "checkpoints" / "step-00000006"),
     )
-    accelerate_launch(2, *_args(runs, "one-to-two", "--data.batch-size", "6", "--parallel.strategy", "fsdp",
-                                "--resume", one3))  # fmt: skip
+    # With accumulation: the non-final micro-batches skip the sharded gradients' reduce-scatter.
+    accelerate_launch(2, *_args(runs, "one-to-two", "--data.batch-size", "3", "--grad-accum-steps", "2",
+                                "--parallel.strategy", "fsdp", "--resume", one3))  # fmt: skip
     resumed = read_weights(runs / "one-to-two" / "checkpoints" / "step-00000006")
     _close(resumed, read_weights(runs / "one" / "checkpoints" / "step-00000006"))
 
@@ -142,3 +143,14 @@ def test_a_sharded_save_killed_before_its_commit_resumes_from_the_last_one(runs,
         read_weights(tmp_path / "killed" / "checkpoints" / "step-00000006"),
         read_weights(runs / "one" / "checkpoints" / "step-00000006"),
     )
+
+
+@pytest.mark.slow
+def test_bf16_through_fsdps_mixed_precision_policy_trains_close_to_fp32(runs, tmp_path):
+    """bf16 parameters in forward and backward, fp32 reduction and fp32 sharded weights: the losses stay within
+    bf16's precision of the fp32 run's, and the checkpoint holds fp32 weights."""
+    accelerate_launch(2, *_args(tmp_path, "bf16", "--data.batch-size", "6", "--parallel.strategy", "fsdp",
+                                "--mixed-precision", "bf16"))  # fmt: skip
+    assert _losses(tmp_path / "bf16") == pytest.approx(_losses(runs / "one"), rel=2e-2)
+    weights = read_weights(tmp_path / "bf16" / "checkpoints" / "step-00000006")
+    assert {w.dtype for k, w in weights.items() if k != "vocab"} == {torch.float32}

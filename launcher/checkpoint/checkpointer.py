@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.checkpoint import sharded
+import launcher.checkpoint.sharded as sharded
 from launcher.checkpoint.format import (
     CHUNK_BYTES,
     FORMAT,

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from launcher.checkpoint import sharded
+import launcher.checkpoint.sharded as sharded
 from launcher.checkpoint.format import verify
 from launcher.checkpoint.safe_load import load_checkpoint
 from launcher.checkpoint.state_dict import aliases_metadata, strip_prefixes, tie, untie, unwrap

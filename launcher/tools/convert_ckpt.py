@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from launcher.checkpoint import sharded
+import launcher.checkpoint.sharded as sharded
 from launcher.checkpoint.format import verify
 from launcher.checkpoint.safe_load import Loaded, load_checkpoint, read_safetensors
 from launcher.checkpoint.state_dict import (
