@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from launcher.checkpoint.sharded import is_sharded_model as is_sharded
 from launcher.config import TrainConfig
 from launcher.errors import UserError
 
@@ -42,10 +43,6 @@ def shard(
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
-
-
-def is_sharded(model: Any) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager
