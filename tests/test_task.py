@@ -258,3 +258,28 @@ def test_a_key_metric_the_task_does_not_report_is_refused_up_front(capsys):
     err = capsys.readouterr().err
     assert "--key-metric must be one of bits_per_char, loss, perplexity (got 'accuracy')" in err, err
     assert math.isfinite(1.0)
+
+
+def test_the_schedule_scales_each_parameter_groups_own_lr():
+    """A backbone at a tenth of the head's lr: warm-up and cosine scale both from their own peaks."""
+    from launcher.config import OptimConfig, ScheduleConfig
+    from launcher.optim import apply_hyperparameters, build_optimizer
+    from launcher.schedules import lr_multiplier, make_scheduler, schedule_steps
+
+    backbone, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    optim = OptimConfig(name="adamw", lr=1e-2)
+    groups = [{"params": backbone.parameters(), "lr": 1e-3}, {"params": head.parameters()}]
+    optimizer = build_optimizer(groups, optim)
+    cfg = ScheduleConfig(warmup="linear", warmup_steps=4, decay="cosine")
+    steps = schedule_steps(cfg, steps_per_epoch=10, total_steps=10)
+    scheduler = make_scheduler(optimizer, steps, cfg)
+    for step in range(10):
+        m = lr_multiplier(step, steps, cfg)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 * m, 1e-2 * m], abs=0)
+        optimizer.step()
+        scheduler.step()
+    # On resume, each group gets this run's settings: its own lr where it has one, --optim's otherwise.
+    apply_hyperparameters(
+        optimizer, OptimConfig(name="adamw", lr=2e-2), groups=[{"params": [], "lr": 1e-3}, {"params": []}]
+    )
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [1e-3, 2e-2]

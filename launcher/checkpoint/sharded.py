@@ -7,11 +7,15 @@ files; the optimizer state is keyed by parameter name, not by position, so it su
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -42,7 +46,8 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, alias
     The state dict names a tied parameter once; `aliases` (`tied_names` of the model before it was sharded) travel
     beside it, so that the exported weights load into the plain model, whose state_dict has every name."""
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save({**state, "aliases": aliases}, checkpoint_id=folder)
+    with _one_process_is_fine():
+        dcp.save({**state, "aliases": aliases}, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
@@ -62,7 +67,8 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> No
     """A sharded checkpoint into `model` and `optimizer`, resharded to however they are spread now (sharded over
     any number of processes, or whole)."""
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=folder)
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
@@ -103,6 +109,17 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for alias, name in saved.get("aliases", {}).items():
         weights[alias] = weights[name]
     return weights
+
+
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """torch.distributed.checkpoint warns whenever it runs without a process group, which one process (a resume
+    on fewer processes, a single-process run) does on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
 
 
 def optimizer_of(optimizer: Any) -> torch.optim.Optimizer:
