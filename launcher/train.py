@@ -443,7 +443,8 @@ def _evaluate(run: Run) -> None:
         return
     run.metrics, _ = evaluate(run.plain, run.eval_data, acc, run.task, collective=is_sharded(run.plain))
     if run.ema is not None:
-        ema_eval, _ = evaluate(run.ema.model, run.eval_data, acc, run.task)
+        with run.ema.applied() as averaged:
+            ema_eval, _ = evaluate(averaged, run.eval_data, acc, run.task, collective=is_sharded(averaged))
         run.metrics |= {f"ema_{k}": v for k, v in ema_eval.items() if k != "samples"}
     run.evaluated_step = state.step
     sign = 1.0 if cfg.key_metric_mode == "max" else -1.0
@@ -455,10 +456,11 @@ def _evaluate(run: Run) -> None:
     improved = finite and (previous_best is None or sign * value > sign * previous_best)
     if improved:
         state.best_value, state.best_step = value, state.step
-        from_ema = run.ema is not None and cfg.key_metric.startswith("ema_")
-        _save_weights(
-            run.ema.model if from_ema else run.plain, run.dir / "best.safetensors", acc.is_main_process
-        )
+        if run.ema is not None and cfg.key_metric.startswith("ema_"):
+            with run.ema.applied() as averaged:
+                _save_weights(averaged, run.dir / "best.safetensors", acc.is_main_process)
+        else:
+            _save_weights(run.plain, run.dir / "best.safetensors", acc.is_main_process)
     elif not finite:
         log.warning("WARNING: a non-finite evaluation at step %d does not count as the best", state.step)
     run.mlog.write("eval", state.step, run.epoch, {**run.metrics, "best_" + cfg.key_metric: state.best_value})
@@ -605,7 +607,8 @@ def _finish(run: Run) -> dict[str, Any]:
     _save(run)
     run.checkpointer.wait()
     if run.ema is not None:
-        _save_weights(run.ema.model, run.dir / "ema.safetensors", run.accelerator.is_main_process)
+        with run.ema.applied() as averaged:
+            _save_weights(averaged, run.dir / "ema.safetensors", run.accelerator.is_main_process)
     final = {**run.metrics, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step,
              "memory": _memory(run)}  # fmt: skip
     run.mlog.write("final", state.step, run.epoch, final)

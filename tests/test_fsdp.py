@@ -154,3 +154,23 @@ def test_bf16_through_fsdps_mixed_precision_policy_trains_close_to_fp32(runs, tm
     assert _losses(tmp_path / "bf16") == pytest.approx(_losses(runs / "one"), rel=2e-2)
     weights = read_weights(tmp_path / "bf16" / "checkpoints" / "step-00000006")
     assert {w.dtype for k, w in weights.items() if k != "vocab"} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_the_moving_average_of_sharded_weights_equals_the_whole_ones_and_resumes_across_strategies(tmp_path):
+    """--ema.decay under FSDP: each rank averages its own shards; evaluated and saved by swapping them into the
+    sharded model. Its ema.safetensors and eval/ema_loss equal one process's, and a resume from its sharded
+    checkpoint on one process (DDP) carries the average on."""
+    ema = ["--ema.decay", "0.9", "--ema.warmup-steps", "0"]
+    assert train(*_args(tmp_path, "one", "--data.batch-size", "12", *ema)) == 0
+    accelerate_launch(
+        2, *_args(tmp_path, "two", "--data.batch-size", "6", "--parallel.strategy", "fsdp", *ema)
+    )
+    want = read_weights(tmp_path / "one" / "ema.safetensors")
+    _close(read_weights(tmp_path / "two" / "ema.safetensors"), want)
+    assert metrics(tmp_path / "two", "final")[0]["ema_loss"] == pytest.approx(
+        metrics(tmp_path / "one", "final")[0]["ema_loss"], rel=1e-6
+    )
+    two3 = tmp_path / "two" / "checkpoints" / "step-00000003"
+    assert train(*_args(tmp_path, "two-to-one", "--data.batch-size", "12", *ema, "--resume", two3)) == 0
+    _close(read_weights(tmp_path / "two-to-one" / "ema.safetensors"), want)

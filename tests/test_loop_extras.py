@@ -126,6 +126,23 @@ def test_ema_matches_a_hand_computed_average():
     assert ema.state_dict()["1.num_batches_tracked"].item() == 6
 
 
+def test_a_tied_weight_is_averaged_once_per_step():
+    """An embedding tied to the output layer is one tensor under two names: one lerp per step, not two (which
+    would square its decay). The one-process side of the FSDP moving-average test found it."""
+    embed = nn.Embedding(4, 3)
+    head = nn.Linear(3, 4, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head})
+    ema = EMA(model, decay=0.5, warmup_steps=0)
+    before = embed.weight.detach().clone()
+    with torch.no_grad():
+        embed.weight.add_(1.0)
+    ema.update(0)
+    torch.testing.assert_close(ema.state_dict()["embed.weight"], before + 0.5, rtol=0, atol=1e-6)
+    averaged = ema.state_dict()
+    assert averaged["head.weight"].data_ptr() == averaged["embed.weight"].data_ptr()  # still tied
+
+
 def test_ema_is_evaluated_and_saved_beside_the_raw_weights(tmp_path, mnist_root):
     assert (
         run(

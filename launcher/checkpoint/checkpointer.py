@@ -202,7 +202,7 @@ class _Snapshot:
     record: str | None = None  # state.json text
     committed: bool = False  # set once the rename made it a checkpoint
     # Sharded checkpoints: every rank writes its shards of the live model and optimizer (synchronous saves only).
-    shards: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None
+    shards: tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor] | None] | None = None
 
 
 class Checkpointer:
@@ -319,7 +319,11 @@ class Checkpointer:
                 if sharded.is_sharded_model(model)
                 else acc.unwrap_model(model, keep_torch_compile=False)
             )
-            snap.shards = (module, sharded.optimizer_of(optimizer))
+            snap.shards = (
+                module,
+                sharded.optimizer_of(optimizer),
+                ema.state_dict() if ema is not None else None,
+            )
             if acc.is_main_process:
                 record = {"format": FORMAT, "state": asdict(state), "world_size": acc.num_processes, **meta}
                 snap.record = json.dumps(record, indent=2) + "\n"
@@ -409,9 +413,8 @@ class Checkpointer:
         rng = tmp / f"rng-{rank:05d}.pt"
         put(rng.name, lambda p: _torch_save(snap.rng, p))
         if snap.shards is not None:
-            sharded.save(
-                *snap.shards, tmp, self.aliases
-            )  # every rank: its own __RANK_0.distcp; the main one .metadata too
+            # Every rank writes its own __RANK_0.distcp; the main one .metadata too.
+            sharded.save(*snap.shards, folder=tmp, aliases=self.aliases)
             for path in sorted(tmp.glob(f"__{rank}_*.distcp")) + ([tmp / ".metadata"] if rank == 0 else []):
                 pause_point("written", snap.step, self.dir, path.name)
                 synced.append(syncer.submit(fsync, path))
@@ -624,7 +627,9 @@ def load(
 
 def load_ema(path: Path, ema: Any) -> None:
     """The EMA weights of a checkpoint into `ema` (built from the resumed weights), if it has them."""
-    if (path / "ema.safetensors").is_file():
+    if sharded.is_sharded(path) and sharded.has_ema(path):
+        ema.load_state_dict(sharded.read_ema(path, ema.state_dict()))
+    elif (path / "ema.safetensors").is_file():
         ema.load_state_dict(read_own(path / "ema.safetensors"))
     else:
         log.warning(

@@ -41,11 +41,20 @@ def is_sharded_model(model: Any) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def save(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, aliases: dict[str, str]) -> None:
+def save(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None,
+    folder: Path,
+    aliases: dict[str, str],
+) -> None:
     """This process's shards of the model and optimizer into `folder`. Every process calls it (a collective).
     The state dict names a tied parameter once; `aliases` (`tied_names` of the model before it was sharded) travel
-    beside it, so that the exported weights load into the plain model, whose state_dict has every name."""
+    beside it, so that the exported weights load into the plain model, whose state_dict has every name. `ema`:
+    the moving average's shards (launcher.ema), if any."""
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if ema is not None:
+        state["ema"] = ema
     with _one_process_is_fine():
         dcp.save({**state, "aliases": aliases}, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
@@ -71,6 +80,20 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> No
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def has_ema(folder: Path) -> bool:
+    """Whether a sharded checkpoint holds moving-average weights."""
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    return any(key.startswith("ema.") for key in metadata.state_dict_metadata)
+
+
+def read_ema(folder: Path, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The moving-average weights of a sharded checkpoint, in the layout of `template` (shards or whole)."""
+    state = {"ema": {k: v.detach().clone() for k, v in template.items()}}
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    return state["ema"]
 
 
 def load_whole(
