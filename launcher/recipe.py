@@ -372,7 +372,6 @@ def validate(cfg: TrainConfig, metric_names: Sequence[str] = ("loss", "accuracy"
     if cfg.parallel.strategy == "fsdp":
         # Not yet with sharded parameters: each needs its own handling of the shards (docs in the README).
         unsupported = {"--compile": cfg.compile,
-                       "--checkpoint.async-save": cfg.checkpoint.async_save,
                        "--mixed-precision fp16": cfg.mixed_precision == "fp16"}  # fmt: skip
         for flag in (flag for flag, used in unsupported.items() if used):
             problems.append(

@@ -174,3 +174,17 @@ def test_the_moving_average_of_sharded_weights_equals_the_whole_ones_and_resumes
     two3 = tmp_path / "two" / "checkpoints" / "step-00000003"
     assert train(*_args(tmp_path, "two-to-one", "--data.batch-size", "12", *ema, "--resume", two3)) == 0
     _close(read_weights(tmp_path / "two-to-one" / "ema.safetensors"), want)
+
+
+@pytest.mark.slow
+def test_asynchronous_sharded_saves_commit_the_same_checkpoints(runs, tmp_path):
+    """--checkpoint.async-save under FSDP: the shards are copied to host memory at the step and written by
+    torch.distributed.checkpoint's thread, then committed by the checkpointer's; the checkpoints hold exactly what
+    the synchronous saves of the same run hold."""
+    accelerate_launch(2, *_args(tmp_path, "async", "--data.batch-size", "6", "--parallel.strategy", "fsdp",
+                                "--checkpoint.async-save"))  # fmt: skip
+    for step in ("step-00000003", "step-00000006"):
+        ckpt.verify(tmp_path / "async" / "checkpoints" / step)
+        got = read_weights(tmp_path / "async" / "checkpoints" / step)
+        want = read_weights(runs / "two" / "checkpoints" / step)
+        assert all(torch.equal(got[k], want[k]) for k in want) and got.keys() == want.keys()

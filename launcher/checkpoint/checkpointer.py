@@ -203,6 +203,7 @@ class _Snapshot:
     committed: bool = False  # set once the rename made it a checkpoint
     # Sharded checkpoints: every rank writes its shards of the live model and optimizer (synchronous saves only).
     shards: tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor] | None] | None = None
+    shard_write: Any = None  # with async_save: the future of DCP's background write of the shards
 
 
 class Checkpointer:
@@ -221,8 +222,6 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.sharded = sharded  # write the model and optimizer shard by shard (launcher.checkpoint.sharded)
         self.aliases = aliases or {}  # the model's tied parameter names (sharded.tied_names before sharding)
-        if sharded and async_save:
-            raise UserError("--checkpoint.async-save is not supported with sharded checkpoints yet")
         self.accelerator = accelerator
         self.keep_last = keep_last
         self.tolerate_failures = tolerate_failures
@@ -263,7 +262,7 @@ class Checkpointer:
 
         def capture() -> None:
             nonlocal snap
-            snap = self._capture(model, optimizer, scaler, state, meta, ema)
+            snap = self._capture(model, optimizer, scaler, state, meta, ema, tmp)
 
         error = _attempt(capture)
         if self._any_rank_failed(error is not None):
@@ -309,7 +308,14 @@ class Checkpointer:
         pause_point("tmp-created", step, self.dir)
 
     def _capture(
-        self, model: torch.nn.Module, optimizer: Any, scaler: Any, state: TrainState, meta: dict, ema: Any
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        scaler: Any,
+        state: TrainState,
+        meta: dict,
+        ema: Any,
+        tmp: Path,
     ) -> _Snapshot:
         acc = self.accelerator
         snap = _Snapshot(step=state.step, best_step=state.best_step, rng=rng_state())
@@ -324,6 +330,10 @@ class Checkpointer:
                 sharded.optimizer_of(optimizer),
                 ema.state_dict() if ema is not None else None,
             )
+            if self.async_save:  # the shards are copied to host memory here, written by DCP's own thread
+                snap.shard_write = sharded.save(
+                    *snap.shards, folder=tmp, aliases=self.aliases, group=self._group, asynchronous=True
+                )
             if acc.is_main_process:
                 record = {"format": FORMAT, "state": asdict(state), "world_size": acc.num_processes, **meta}
                 snap.record = json.dumps(record, indent=2) + "\n"
@@ -414,7 +424,10 @@ class Checkpointer:
         put(rng.name, lambda p: _torch_save(snap.rng, p))
         if snap.shards is not None:
             # Every rank writes its own __RANK_0.distcp; the main one .metadata too.
-            sharded.save(*snap.shards, folder=tmp, aliases=self.aliases)
+            if snap.shard_write is not None:
+                snap.shard_write.result()
+            else:
+                sharded.save(*snap.shards, folder=tmp, aliases=self.aliases)
             for path in sorted(tmp.glob(f"__{rank}_*.distcp")) + ([tmp / ".metadata"] if rank == 0 else []):
                 pause_point("written", snap.step, self.dir, path.name)
                 synced.append(syncer.submit(fsync, path))

@@ -11,6 +11,7 @@ import contextlib
 import tempfile
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,24 @@ def save(
     ema: dict[str, torch.Tensor] | None,
     folder: Path,
     aliases: dict[str, str],
-) -> None:
+    group: Any = None,
+    asynchronous: bool = False,
+) -> Future | None:
     """This process's shards of the model and optimizer into `folder`. Every process calls it (a collective).
     The state dict names a tied parameter once; `aliases` (`tied_names` of the model before it was sharded) travel
     beside it, so that the exported weights load into the plain model, whose state_dict has every name. `ema`:
-    the moving average's shards (launcher.ema), if any."""
+    the moving average's shards (launcher.ema), if any. `asynchronous`: copy the shards to host memory now and
+    write them in a background thread, whose collectives use `group` (not the training loop's); returns its
+    future."""
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if ema is not None:
         state["ema"] = ema
+    payload, one = {**state, "aliases": aliases}, not dist.is_initialized()
     with _one_process_is_fine():
-        dcp.save({**state, "aliases": aliases}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        if asynchronous:
+            return dcp.async_save(payload, checkpoint_id=folder, process_group=group, no_dist=one)
+        dcp.save(payload, checkpoint_id=folder, process_group=group, no_dist=one)
+    return None
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
