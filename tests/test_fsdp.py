@@ -188,3 +188,32 @@ def test_asynchronous_sharded_saves_commit_the_same_checkpoints(runs, tmp_path):
         got = read_weights(tmp_path / "async" / "checkpoints" / step)
         want = read_weights(runs / "two" / "checkpoints" / step)
         assert all(torch.equal(got[k], want[k]) for k in want) and got.keys() == want.keys()
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_killed_at_an_arbitrary_step_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL wherever the run happens to be once it has logged step 25 (between checkpoints every 10 steps), then
+    the same command: `--resume auto` continues from the last committed checkpoint, and the final shards equal an
+    uninterrupted FSDP run's, bit for bit (same processes, same reduction order)."""
+    common = ["--data.batch-size", "6", "--parallel.strategy", "fsdp", "--max-steps", "60",
+              "--checkpoint.every-steps", "10"]  # fmt: skip
+    accelerate_launch(2, *_args(tmp_path, "straight", *common))
+    args = _args(tmp_path, "killed", *common)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(accelerate_cmd(2, *args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.is_file() and any(r.get("step", 0) >= 25 for r in metrics(tmp_path / "killed", "train"))):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before step 25"
+        time.sleep(0.02)
+    kill_tree(proc.pid)
+    proc.wait()
+    killed_at = max(r["step"] for r in metrics(tmp_path / "killed", "train"))
+    assert killed_at < 60, "the run finished before it was killed"
+    accelerate_launch(2, *args)
+    resumed_from = metrics(tmp_path / "killed", "setup")[-1]["resumed_from"]
+    assert resumed_from is not None and int(resumed_from[-8:]) <= killed_at
+    got = read_weights(tmp_path / "killed" / "checkpoints" / "step-00000060")
+    want = read_weights(tmp_path / "straight" / "checkpoints" / "step-00000060")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
