@@ -45,20 +45,22 @@ def shard(
     return model
 
 
-@contextlib.contextmanager
-def gradient_sync(model: Any, accelerator: Any, sync: bool) -> Iterator[None]:
+def gradient_sync(model: Any, accelerator: Any, sync: bool) -> contextlib.AbstractContextManager:
     """Around a micro-batch: reduce its gradients across processes only when `sync` (the window's last)."""
     if sync:
+        return contextlib.nullcontext()
+    if is_sharded(model):
+        return _sharded_no_sync(model)
+    return accelerator.no_sync(model)
+
+
+@contextlib.contextmanager
+def _sharded_no_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
         yield
-    elif is_sharded(model):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        with accelerator.no_sync(model):
-            yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

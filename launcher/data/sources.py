@@ -14,6 +14,7 @@ Otherwise a DataLoader over the dataset loads the same index batches with worker
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -245,11 +246,12 @@ class EvalData:
 
     def num_batches(self) -> int:
         """This process's batches."""
-        return -(-len(self.indices) // self.batch_size)
+        return math.ceil(len(self.indices) / self.batch_size)
 
     def most_batches(self) -> int:
         """The batches of the process with the largest share (rank 0's)."""
-        return -(-(-(-self.source.num_samples // self.world)) // self.batch_size)
+        largest_share = math.ceil(self.source.num_samples / self.world)
+        return math.ceil(largest_share / self.batch_size)
 
     def _normalised(self, batch: Batch) -> Batch:
         if self.transform is None:

@@ -18,7 +18,9 @@ class Windows(Dataset):
 
     def __init__(self, tokens: torch.Tensor, block: int, stride: int = 1) -> None:
         if tokens.dim() != 1 or len(tokens) < block + 1:
-            raise ValueError(f"need a 1-d sequence of at least {block + 1} tokens, got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"need a 1-d sequence of at least {block + 1} tokens, got shape {tuple(tokens.shape)}"
+            )
         self.tokens, self.block, self.stride = tokens, block, stride
         self._offsets = torch.arange(block + 1, device=tokens.device)
 
