@@ -30,10 +30,10 @@ RECIPE = REPO / "recipes" / "charlm.py"
 TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def _args(out: Path, name: str, *extra: str | Path) -> list[str | Path]:
+def _args(out: Path, name: str, *extra: str | Path, eval_every: int = 0) -> list[str | Path]:
     return [RECIPE, "--data.path", TEXT, "--output-dir", out, "--run-name", name, "--logging.no-progress-bar",
             "--model.layers", "2", "--model.width", "32", "--model.heads", "2", "--data.block-size", "16",
-            "--max-steps", "6", "--eval-every-steps", "0", "--checkpoint.every-steps", "3",
+            "--max-steps", "6", "--eval-every-steps", str(eval_every), "--checkpoint.every-steps", "3",
             "--checkpoint.keep-last", "5", "--logging.every-steps", "1", *extra]  # fmt: skip
 
 
@@ -55,10 +55,14 @@ def accelerator_for_checks() -> Iterator[Accelerator]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """One process with the whole batch (DDP strategy, whole checkpoints); two FSDP processes with half of it."""
+    """One process with the whole batch (DDP strategy, whole checkpoints); two FSDP processes with half of it.
+    Both evaluate every 2 steps: under FSDP an evaluation is collective (its forwards gather parameters), in the
+    middle of training, on shares of 3,486 and 3,485 windows."""
     out = tmp_path_factory.mktemp("fsdp")
-    assert train(*_args(out, "one", "--data.batch-size", "12")) == 0
-    accelerate_launch(2, *_args(out, "two", "--data.batch-size", "6", "--parallel.strategy", "fsdp"))
+    assert train(*_args(out, "one", "--data.batch-size", "12", eval_every=2)) == 0
+    accelerate_launch(
+        2, *_args(out, "two", "--data.batch-size", "6", "--parallel.strategy", "fsdp", eval_every=2)
+    )
     return out
 
 
@@ -69,6 +73,8 @@ def test_two_sharded_processes_train_as_one_and_export_a_clean_state_dict(runs, 
         ".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "rng-00000.pt", "rng-00001.pt", "state.json"
     ]  # fmt: skip
     assert _losses(runs / "two") == pytest.approx(_losses(runs / "one"), rel=1e-6)
+    evals = [[r["loss"] for r in metrics(runs / name, "eval")] for name in ("one", "two")]
+    assert len(evals[0]) == 3 and evals[1] == pytest.approx(evals[0], rel=1e-6)
     out = tmp_path / "model.safetensors"
     assert launcher_main(["convert-ckpt", str(step6), "-o", str(out)]) == 0  # no process group here
     exported = read_weights(
