@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from benchmarks.common import REPO, alternate, command, machine, median, table
+from benchmarks.common import REPO, PlainLoop, alternate, command, machine, median, table
 from launcher.data import epoch_order
 from launcher.recipe import load_recipe, parse_config
 from launcher.schedules import lr_multiplier, schedule_steps
@@ -49,34 +49,43 @@ def launcher_run(recipe, cfg, result: dict) -> list[float]:
     return [cfg.data.batch_size / s for s in sps[1:]]
 
 
-def plain_run(recipe, cfg, result: dict) -> list[float]:
-    """The same training written by hand: windows gathered in memory, mean loss, no per-step sync, no logging."""
+def plain_run(recipe, cfg, result: dict, loop: PlainLoop | None = None) -> list[float]:
+    """The same training written by hand: windows gathered in memory, mean loss, no per-step sync, no logging.
+    `loop` says on which device, in which precision, and whether through Accelerate's wrappers
+    (benchmarks/gpu.py); by default CPU, fp32, plain PyTorch."""
+    loop = loop or PlainLoop()
     set_seed(cfg.seed)
-    model = recipe.make_model(cfg)
+    model = recipe.make_model(cfg).to(loop.device)
     task = recipe.make_task(cfg)
+    windows = recipe.make_datasets(cfg).train.to(loop.device)
+    set_seed(cfg.seed)  # as the launcher re-seeds after building: dropout draws the same masks
     optimizer = torch.optim.AdamW(
         task.param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
     )
     steps = schedule_steps(cfg.schedule, 1, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, steps, cfg.schedule))
-    windows = recipe.make_datasets(cfg).train
-    order = epoch_order(len(windows), cfg.seed, 0, shuffle=True)
-    batch, times = cfg.data.batch_size, []
+    model, optimizer, backward, clip_grad_norm_ = loop.prepare(model, optimizer)
+    order = epoch_order(len(windows), cfg.seed, 0, shuffle=True).to(loop.device)
+    batch, every, times = cfg.data.batch_size, cfg.logging.every_steps, []
     model.train()
     start = time.perf_counter()
     for step in range(cfg.max_steps):
         x, y = windows.gather(order[step * batch : (step + 1) * batch])
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+        with loop.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        backward(loss)
+        clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if (step + 1) % LOG_EVERY == 0:
+        if (step + 1) % every == 0:
+            loop.sync()
             now = time.perf_counter()
-            times.append((now - start) / LOG_EVERY)
+            times.append((now - start) / every)
             start = now
-    result["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loop.finish()
+    result["weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return times[1:]
 
 

@@ -42,9 +42,11 @@ from launcher.checkpoint import format as ckpt_format
 from launcher.files import fsync
 
 
-def build(width: int, depth: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(
+    width: int, depth: int, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():
         p.grad = torch.randn_like(p)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,3 +57,46 @@ def table(rows: list[tuple], header: tuple) -> str:
 def command() -> str:
     """How this benchmark was started, as `python -m benchmarks.NAME ARGS` from the repository root."""
     return " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
+
+
+@dataclass(frozen=True)
+class PlainLoop:
+    """Where and how a benchmark's plain PyTorch loop trains, so that one loop serves CPU and GPU, fp32 and bf16:
+    the device, the autocast precision ("no" or "bf16", as --mixed-precision), and whether it steps through
+    Accelerate's wrappers (`accelerator.prepare`, `accelerator.backward`, the prepared optimizer's step and
+    zero_grad), as a textbook Accelerate loop does; the launcher bypasses those wrappers without a grad scaler
+    (see `_train` in launcher/train.py). The default is the CPU, fp32, no Accelerate: plain PyTorch."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "no"
+    accelerate: bool = False
+
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.nn.Module, Any, Callable[[torch.Tensor], None], Callable[..., Any]]:
+        """(model, optimizer, backward, clip_grad_norm_) for a model already on `device` and its optimizer."""
+        if not self.accelerate:
+            return model, optimizer, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision=self.precision, cpu=self.device.type == "cpu")
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return model, optimizer, accelerator.backward, accelerator.clip_grad_norm_
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Around the forward pass. A prepared model autocasts itself (and returns fp32 outputs)."""
+        if self.precision == "no" or self.accelerate:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def sync(self) -> None:
+        """Before reading the clock: wait for the device (the launcher reads the loss back once per interval)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def finish(self) -> None:
+        """Let the next Accelerator (the launcher's own, in the same process) start from a clean state."""
+        if self.accelerate:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=False)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.datasets import MNIST
 
-from benchmarks.common import MNIST_MINI, alternate, command, machine, median, table
+from benchmarks.common import MNIST_MINI, PlainLoop, alternate, command, machine, median, table
 from launcher.config import (
     CheckpointConfig,
     DataConfig,
@@ -81,34 +81,50 @@ def launcher_run(
     return [cfg.data.batch_size / s for s in sps[1:]]  # seconds per step, first interval is warm-up
 
 
-def plain_run(build: Callable[[], nn.Module], data: Datasets, cfg: TrainConfig, result: dict) -> list[float]:
-    """What a careful user writes by hand: tensors in memory, no per-step sync, no logging."""
+def plain_run(
+    build: Callable[[], nn.Module],
+    data: Datasets,
+    cfg: TrainConfig,
+    result: dict,
+    loop: PlainLoop | None = None,
+) -> list[float]:
+    """What a careful user writes by hand: tensors in memory, no per-step sync, no logging. `loop` says on which
+    device, in which precision, and whether through Accelerate's wrappers (benchmarks/gpu.py); by default CPU, fp32,
+    plain PyTorch."""
+    loop = loop or PlainLoop()
     set_seed(cfg.seed)
-    model = build()
+    model = build().to(loop.device)
+    set_seed(cfg.seed)  # as the launcher re-seeds after building: dropout draws the same masks
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    images, labels = to_tensors(data.train)
-    n, batch = len(labels), cfg.data.batch_size
-    mean, inv_std = torch.tensor(MEAN).view(1, -1, 1, 1), 1.0 / torch.tensor(STD).view(1, -1, 1, 1)
+    model, opt, backward, _ = loop.prepare(model, opt)
+    images, labels = (t.to(loop.device) for t in to_tensors(data.train))
+    n, batch, every = len(labels), cfg.data.batch_size, cfg.logging.every_steps
+    mean = torch.tensor(MEAN, device=loop.device).view(1, -1, 1, 1)
+    inv_std = 1.0 / torch.tensor(STD, device=loop.device).view(1, -1, 1, 1)
     times, step, epoch = [], 0, 0
     start = time.perf_counter()
     while step < cfg.max_steps:
-        order = epoch_order(n, cfg.seed, epoch, shuffle=True)
+        order = epoch_order(n, cfg.seed, epoch, shuffle=True).to(loop.device)
         for b in range(n // batch):
             idx = order[b * batch : (b + 1) * batch]
             x = images[idx].float().div_(255.0).sub_(mean).mul_(inv_std)
-            loss = F.cross_entropy(model(x), labels[idx])
-            loss.backward()
+            with loop.autocast():
+                out = model(x)
+            loss = F.cross_entropy(out.float(), labels[idx])
+            backward(loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            if step % LOG_EVERY == 0:
+            if step % every == 0:
+                loop.sync()
                 now = time.perf_counter()
-                times.append((now - start) / LOG_EVERY)
+                times.append((now - start) / every)
                 start = now
             if step == cfg.max_steps:
                 break
         epoch += 1
-    result["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loop.finish()
+    result["weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return times[1:]
 
 

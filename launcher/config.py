@@ -7,6 +7,7 @@ every field into a command-line flag whose help text is the docstring under the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -31,6 +32,9 @@ class DataConfig:
     """Hold the whole dataset as one uint8 tensor on the training device and batch it there (no workers)."""
     num_workers: int = 2
     """DataLoader worker processes (only when in_memory is off)."""
+    prefetch_factor: int = 2
+    """Batches each DataLoader worker loads ahead (only with num_workers > 0). Raise it when loading time varies
+    from batch to batch (slow storage, costly decoding), so the device does not wait on a slow batch."""
     shuffle: bool = True
     """Reshuffle the training set every epoch with a seed derived from (seed, epoch)."""
     drop_last: bool = True
@@ -114,13 +118,20 @@ class LoggingConfig:
     every_steps: int = 50
     """Read the loss back from the device, log it and update the progress bar every this many steps."""
     progress_bar: bool = True
-    """Show a progress bar on the main process."""
-    tensorboard: bool = True
-    """Write TensorBoard event files (through Accelerate's tracker) under <run>/tensorboard."""
+    """Show a progress bar on the main process when stderr is a terminal; otherwise (a log file, CI, SLURM), and
+    with this off, each logging step is one log line."""
+    trackers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ("tensorboard",)
+    """Experiment trackers, several at once (Accelerate's): tensorboard (<run>/tensorboard), wandb (WANDB_MODE=offline
+    keeps it in <run>/wandb), mlflow (a file store in <run>/mlruns unless MLFLOW_TRACKING_URI is set). wandb and
+    mlflow need their extras (pip install -e '.[wandb]'). No names: none (metrics.jsonl is always written)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for the run's precision, for MFU (model FLOPs utilisation). Unset: the
+    figure of a known GPU (launcher/throughput.py: A100, H100, H200, L4, L40S, ...); on a CPU or an unknown GPU
+    MFU is n/a."""
     lr_every_step: bool = True
-    """Log the lr of every optimizer step to TensorBoard (off: only at logging steps). Costs ~30-90 us per step on
-    a CPU (tensorboard's writer checksums every event in Python): only models whose steps take well under 10 ms
-    notice."""
+    """Log the lr of every optimizer step to TensorBoard (off, and in other trackers: only at logging steps). Costs
+    ~30-90 us per step on a CPU (tensorboard's writer checksums every event in Python): only models whose steps
+    take well under 10 ms notice."""
 
 
 @dataclass(kw_only=True)
@@ -243,7 +254,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"{where}: unknown entries {unknown}; {cls.__name__} has {sorted(names)}")
+        guesses = [g[0] for u in unknown if (g := difflib.get_close_matches(u, names, n=1))]
+        closest = f" (did you mean {' or '.join(map(repr, guesses))}?)" if guesses else ""
+        raise UserError(f"{where}: unknown entries {unknown}{closest}; {cls.__name__} has {sorted(names)}")
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     return cls(**kwargs)
 
@@ -286,6 +299,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return Path(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads `1e-3`, without a dot, as a string: take the number it spells.
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")

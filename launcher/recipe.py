@@ -11,12 +11,15 @@ A recipe is a Python file that defines:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import importlib.util
 import json
 import math
 import os
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +27,11 @@ from types import ModuleType
 from typing import Any
 
 import tyro
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from launcher.config import TrainConfig, from_dict
+from launcher.config import TrainConfig, from_dict, to_dict
 from launcher.errors import UserError
 from launcher.task import Classification, Task
 
@@ -230,42 +234,98 @@ def _recipe_config(module: ModuleType, path: Path) -> TrainConfig:
     return cfg
 
 
+CONFIG_HELP = (
+    "Every field of the recipe's config is a flag. --config FILE (YAML, or a run's config.json) starts from that "
+    "file instead of the recipe's values, and the flags override it; --print-config prints the resolved config as "
+    "YAML, ready to edit and pass back with --config, and exits."
+)
+
+
 def parse_config(recipe: Recipe, argv: Sequence[str], prog: str) -> TrainConfig:
-    """Parse `argv` against the recipe's config; `--config FILE.json` (a run's config.json) replaces the defaults."""
+    """Parse `argv` against the recipe's config; `--config FILE` (YAML or JSON) replaces the recipe's values."""
     argv = list(argv)
     default = recipe.default
     if "--config" in argv:
         i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise UserError("--config needs a path to a config.json written by an earlier run")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise UserError("--config needs a path: a YAML file (see --print-config) or a run's config.json")
         default = load_config_file(Path(argv[i + 1]), type(default))
         del argv[i : i + 2]
+    _check_flags(type(default), argv, prog)
     # Under `accelerate launch` every rank parses; only rank 0 prints help and errors.
     is_main = os.environ.get("RANK", "0") == "0"
-    cfg = tyro.cli(type(default), default=default, args=argv, prog=prog, console_outputs=is_main)
+    cfg = tyro.cli(
+        type(default), default=default, args=argv, prog=prog, description=CONFIG_HELP, console_outputs=is_main
+    )
     return validate(cfg, recipe.make_task(cfg).metric_names)
 
 
+def _flags(cls: type, prefix: str = "") -> set[str]:
+    """The flags tyro makes of a config class (`--optim.lr`, `--no-compile`), with `-` for `_`."""
+    flags: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f.name.replace("_", "-")
+        if dataclasses.is_dataclass(hints[f.name]):
+            flags |= _flags(hints[f.name], f"{prefix}{name}.")
+            continue
+        flags.add(f"--{prefix}{name}")
+        if hints[f.name] is bool:
+            flags.add(f"--{prefix}no-{name}")
+    return flags
+
+
+def _check_flags(cls: type, argv: Sequence[str], prog: str) -> None:
+    """An unknown flag is one line naming it and the closest real one. tyro's own message also lists the flag's
+    value as an unknown option and points at a command that does not run."""
+    known = _flags(cls) | {"--help"}
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        flag = token.split("=", 1)[0].replace("_", "-")
+        if flag not in known:
+            guess = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {guess[0]}?" if guess else ""
+            raise UserError(f"unknown flag {token.split('=', 1)[0]}{hint} (`{prog} --help` lists every flag)")
+
+
+def config_yaml(cfg: TrainConfig, recipe: Recipe) -> str:
+    """The resolved config as YAML, for --print-config: edit it and pass it back with --config."""
+    header = (
+        f"# {_relative(recipe.path)}: the resolved config (the recipe's values and the flags given).\n"
+        f"# Train with it: python -m launcher.train {_relative(recipe.path)} --config THIS.yaml [--field VALUE]\n"
+        f"# Every field: python -m launcher.train {_relative(recipe.path)} --help\n"
+    )
+    return header + yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+
+
 def load_config_file(path: Path, cls: type) -> TrainConfig:
+    """A config file: YAML (.yaml, .yml) or JSON (a run's config.json), read strictly (`from_dict`)."""
+    kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
     if path.is_dir():
         inside = path / "config.json"
         hint = (
-            f"pass {inside}, the one inside it" if inside.is_file() else "pass a config.json written by a run"
+            f"pass {inside}, the one inside it"
+            if inside.is_file()
+            else "pass a YAML file (see --print-config) or a run's config.json"
         )
         raise UserError(f"--config {path} is a directory; {hint}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))  # save_json writes ASCII; any locale
+        text = path.read_text(encoding="utf-8")  # save_json writes ASCII; any locale
+        data = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
     except UnicodeDecodeError:
-        raise UserError(f"--config {path}: not UTF-8 text; pass a config.json written by a run") from None
+        raise UserError(f"--config {path}: not UTF-8 text; pass a YAML or JSON config file") from None
     except OSError as exc:
         raise UserError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--config {path}: not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        where = " ".join(str(exc).split())
+        raise UserError(f"--config {path}: not valid {kind} ({where})") from None
     if not isinstance(data, dict):
         raise UserError(
-            f"--config {path}: expected a JSON object (a run's config.json), got a {type(data).__name__}"
+            f"--config {path}: expected a mapping of config sections (as --print-config writes), got a "
+            f"{type(data).__name__}"
         )
     return from_dict(cls, data, where=str(path))
 
@@ -302,6 +362,7 @@ def _value_rules(cfg: TrainConfig) -> list[tuple[str, Any, Rule]]:
         ("--data.batch-size", data.batch_size, AT_LEAST_1),
         ("--data.eval-batch-size", data.eval_batch_size, AT_LEAST_1),
         ("--data.num-workers", data.num_workers, AT_LEAST_0),
+        ("--data.prefetch-factor", data.prefetch_factor, AT_LEAST_1),
         ("--data.crop-padding", data.crop_padding, AT_LEAST_0),
         ("--data.mean", data.mean, ANY),
         ("--data.std", data.std, POSITIVE),  # normalisation divides by it
@@ -324,6 +385,7 @@ def _value_rules(cfg: TrainConfig) -> list[tuple[str, Any, Rule]]:
         ("--checkpoint.every-epochs", ckpt.every_epochs, AT_LEAST_0),
         ("--checkpoint.keep-last", ckpt.keep_last, AT_LEAST_1),
         ("--logging.every-steps", cfg.logging.every_steps, AT_LEAST_1),
+        ("--logging.peak-tflops", cfg.logging.peak_tflops, POSITIVE),
         ("--preemption.check-every-steps", cfg.preemption.check_every_steps, AT_LEAST_1),
         ("--preemption.max-requeues", cfg.preemption.max_requeues, AT_LEAST_0),
         ("--early-stopping.patience", cfg.early_stopping.patience, AT_LEAST_0),

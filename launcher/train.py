@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -25,7 +24,7 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_see
 from torch.optim.lr_scheduler import LambdaLR
 
 from launcher import checkpoint as ckpt
-from launcher import resume
+from launcher import resume, trackers
 from launcher.checkpoint.sharded import tied_names
 from launcher.checkpoint.state_dict import load_into, strip_prefixes
 from launcher.checkpoint.weights import read_weights, write_weights
@@ -38,9 +37,9 @@ from launcher.evaluate import confusion_figure, evaluate, per_class_table
 from launcher.model_stats import forward_flops, human, parameter_count
 from launcher.optim import build_optimizer
 from launcher.parallel import full_state_dict, gradient_sync, is_sharded, local_shard, shard
-from launcher.progress import IntervalLog
+from launcher.progress import Clock, IntervalLog
 from launcher.ranks import PeerFailed, agreed
-from launcher.recipe import Recipe, load_recipe, parse_config
+from launcher.recipe import Recipe, config_yaml, load_recipe, parse_config
 from launcher.run_dir import (
     MetricsLog,
     close_log_file,
@@ -52,6 +51,7 @@ from launcher.run_dir import (
 )
 from launcher.schedules import Plateau, make_scheduler, reapply, run_length, schedule_steps
 from launcher.task import Loss, Task
+from launcher.throughput import peak_rss_bytes
 
 log = logging.getLogger("launcher")
 
@@ -118,10 +118,12 @@ def _open_run_dir(cfg: TrainConfig, recipe: Recipe, run_dir: Path, world: int) -
     return created
 
 
-def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+def _make_accelerator(cfg: TrainConfig, run_dir: Path, project: str = "launcher") -> Accelerator:
+    # Trackers live on the main process only (the others would import wandb and mlflow for nothing).
+    main = _process_state().is_main_process
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        log_with="tensorboard" if cfg.logging.tensorboard else None,
+        log_with=(trackers.build(cfg, run_dir, project) or None) if main else None,
         project_dir=run_dir,
         # Accelerate compiles in `prepare`, after wrapping the model in DDP, so that compiled graphs break at
         # DDP's bucket boundaries and overlap its all-reduces (DDPOptimizer); compiling first would hide the
@@ -170,7 +172,9 @@ def run(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     setup_console(run_dir, state.is_main_process)
     accelerator, mlog, started = None, None, False
     try:
-        accelerator = _make_accelerator(cfg, run_dir)
+        accelerator = _make_accelerator(cfg, run_dir, recipe.name)
+        if cfg.phase != "predict":
+            trackers.start(accelerator, cfg, run_dir)
         if cfg.phase == "test":
             return _test(cfg, recipe, accelerator, run_dir)
         if cfg.phase == "predict":
@@ -208,9 +212,9 @@ def _end(accelerator: Accelerator | None) -> None:
 
 
 def _source(cfg: TrainConfig, dataset: Any, task: Task, accelerator: Accelerator) -> Source:
-    return Source(
-        dataset, cfg.data.in_memory, accelerator.device, cfg.data.num_workers, task.images, task.collate_fn
-    )
+    data = cfg.data
+    return Source(dataset, data.in_memory, accelerator.device, data.num_workers, task.images, task.collate_fn,
+                  prefetch_factor=data.prefetch_factor)  # fmt: skip
 
 
 def _transform(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> DeviceTransform | None:
@@ -256,9 +260,8 @@ def _test(cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator, run_dir: P
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
     metrics_log.write("test", 0, 0.0, record)
     metrics_log.close()
-    if accelerator.is_main_process and cfg.logging.tensorboard:
-        accelerator.init_trackers("tensorboard")
-        accelerator.log({f"test/{k}": v for k, v in metrics.items() if k != "samples"}, step=0)
+    accelerator.log({f"test/{k}": v for k, v in metrics.items() if k != "samples"}, step=0)
+    if accelerator.is_main_process and "tensorboard" in cfg.logging.trackers:
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         if confusion is not None:
             writer.add_figure("test/confusion_matrix", confusion_figure(confusion, names), global_step=0)
@@ -334,6 +337,10 @@ class Run:
     """The step of the last checkpoint of this run (the same step is never saved twice)."""
     stop: str | None = None
     """Why training ends before its last step: "early stopping" or "signal"."""
+    flops_per_sample: float = 0.0
+    """Forward FLOPs of one sample (torch.utils.flop_counter), for the achieved TFLOP/s and MFU."""
+    clock: Clock = field(default_factory=Clock)
+    """Where the wall time goes: start-up, training, evaluation, checkpoints."""
 
     @property
     def plan(self) -> TrainPlan:
@@ -429,7 +436,8 @@ def _setup(
     })  # fmt: skip
     meta = {"fingerprint": fingerprint, "config": to_dict(cfg)}
     return Run(cfg, accelerator, run_dir, mlog, task, model, plain_model, optimizer, scheduler, plateau, ema,
-               train_data, eval_data, total_steps, checkpointer, meta, state, saved_step=state.step)  # fmt: skip
+               train_data, eval_data, total_steps, checkpointer, meta, state, saved_step=state.step,
+               flops_per_sample=flops)  # fmt: skip
 
 
 def _format(value: float | None) -> str:
@@ -508,6 +516,11 @@ def _due(happened: bool, count: int, every: int) -> bool:
     return happened and every > 0 and count % every == 0
 
 
+def _logs(run: Run, step: int) -> bool:
+    """Whether the update that makes the step count `step` is a logging step."""
+    return step % run.cfg.logging.every_steps == 0 or step == run.total_steps
+
+
 def _finished(run: Run) -> bool:
     # --max-steps counts optimizer updates; --max-epochs counts epochs (the same end unless fp16 skips steps).
     if run.stop is not None:
@@ -519,9 +532,10 @@ def _finished(run: Run) -> bool:
 def _train(run: Run) -> dict[str, Any]:
     cfg, accelerator, model, state, task = run.cfg, run.accelerator, run.model, run.state, run.task
     plan = run.plan
-    if accelerator.is_main_process and cfg.logging.tensorboard:
-        accelerator.init_trackers("tensorboard")
-    interval = IntervalLog(cfg, state, plan.num_samples, run.total_steps, accelerator, run.mlog)
+    run.clock.loop_started = time.perf_counter()
+    interval = IntervalLog(
+        cfg, state, plan.num_samples, run.total_steps, accelerator, run.mlog, run.clock, run.flops_per_sample
+    )
     accum, micro_per_epoch = cfg.grad_accum_steps, len(run.train_data)
     # Accelerate's optimizer wrapper only forwards step() and zero_grad() unless a grad scaler (fp16) is in use,
     # and doing so costs ~100 us per step on CPU (two is_lomo_available() import lookups and an inspect.signature
@@ -553,6 +567,10 @@ def _train(run: Run) -> dict[str, Any]:
             lr = stepper.param_groups[0]["lr"]
             if cfg.optim.grad_clip_norm > 0:
                 interval.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+            elif _logs(run, state.step + 1):
+                # Unclipped, the norm is computed for the log only, at logging steps: one pass over the gradients
+                # every --logging.every-steps (an infinite max norm scales them by exactly 1.0).
+                interval.grad_norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)
             stepped = optimizer_step(stepper)
             # The position first, then everything that reads it: an evaluation or a checkpoint of the epoch's
             # last step must see the epoch as finished.
@@ -570,16 +588,18 @@ def _train(run: Run) -> dict[str, Any]:
             else:
                 interval.skipped += 1
 
-            if stepped and (state.step % cfg.logging.every_steps == 0 or state.step == run.total_steps):
+            if stepped and _logs(run, state.step):
                 interval.flush()
             if _due(stepped, state.step, cfg.eval_every_steps) or _due(
                 epoch_end, state.epoch, cfg.eval_every_epochs
             ):
-                interval.timed(lambda: _evaluate(run))
+                with run.clock.measure("eval"):
+                    _evaluate(run)
             if _due(stepped, state.step, cfg.checkpoint.every_steps) or _due(
                 epoch_end, state.epoch, cfg.checkpoint.every_epochs
             ):
-                interval.timed(lambda: _save(run))
+                with run.clock.measure("checkpoint"):
+                    _save(run)
             if stepped and preemption.stop_agreed(accelerator, state.step, cfg.preemption.check_every_steps):
                 run.stop = "signal"
             if _finished(run):
@@ -603,14 +623,16 @@ def _stopped(run: Run) -> dict[str, Any]:
 def _finish(run: Run) -> dict[str, Any]:
     """At the end: the final evaluation and checkpoint, the EMA weights, the final record."""
     cfg, state = run.cfg, run.state
-    _evaluate(run)
-    _save(run)
-    run.checkpointer.wait()
+    with run.clock.measure("eval"):
+        _evaluate(run)
+    with run.clock.measure("checkpoint"):
+        _save(run)
+        run.checkpointer.wait()
     if run.ema is not None:
         with run.ema.applied() as averaged:
             _save_weights(averaged, run.dir / "ema.safetensors", run.accelerator.is_main_process)
     final = {**run.metrics, "best_" + cfg.key_metric: state.best_value, "best_step": state.best_step,
-             "memory": _memory(run)}  # fmt: skip
+             "memory": _memory(run), "time": run.clock.split()}  # fmt: skip
     run.mlog.write("final", state.step, run.epoch, final)
     log.info(
         "done: step %d, final %s %.4f, best %s at step %s; run directory %s",
@@ -708,7 +730,7 @@ def _memory(run: Run) -> list[dict[str, int]]:
     ]
     tensors += [v for s in run.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     held = sum(t.numel() * t.element_size() for t in map(local_shard, tensors))
-    mine = {"state_bytes": held, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    mine = {"state_bytes": held, "peak_rss_bytes": peak_rss_bytes()}
     if run.accelerator.num_processes == 1:
         return [mine]
     everyone: list[Any] = [None] * run.accelerator.num_processes
@@ -727,7 +749,7 @@ def optimizer_step(stepper: Any) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "launcher.train RECIPE"
+    prog = "python -m launcher.train RECIPE"
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if not argv or argv[0].startswith("-"):
@@ -740,7 +762,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0 if argv and argv[0] in ("-h", "--help") else 2
         recipe = load_recipe(argv[0])
-        cfg = parse_config(recipe, argv[1:], prog=f"launcher.train {argv[0]}")
+        printing = "--print-config" in argv
+        flags = [a for a in argv[1:] if a != "--print-config"]
+        cfg = parse_config(recipe, flags, prog=f"python -m launcher.train {argv[0]}")
+        if printing:
+            if rank == 0:
+                print(config_yaml(cfg, recipe), end="")
+            return 0
     except UserError as exc:
         if rank == 0:  # the same recipe and flags on every rank: the same error; say it once
             print(f"error: {exc}", file=sys.stderr)

@@ -32,10 +32,10 @@ from launcher import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
-    UserError,
     build_from_target,
     check_output,
 )
+from launcher.data import torchvision_datasets
 
 
 @dataclass(kw_only=True)
@@ -107,21 +107,6 @@ def build_datasets(cfg: Config) -> Datasets:
             # A different offset: FakeData seeds image i with i + offset, so the sets share no images.
             eval=FakeData(max(1, n // 4), image_size=(3, 32, 32), num_classes=10, random_offset=n),
         )
-    root = cfg.data.root
-    try:
-        return Datasets(
-            train=CIFAR10(root, train=True, download=cfg.data.download),
-            eval=CIFAR10(root, train=False, download=cfg.data.download),
-        )
-    except (RuntimeError, OSError) as exc:
-        why = (
-            f"it could not be downloaded there ({str(exc).splitlines()[0]})"
-            if cfg.data.download
-            else "--data.no-download is set"
-        )
-        raise UserError(
-            f"CIFAR-10 not found in {root / 'cifar-10-batches-py'} (torchvision layout: data_batch_1..5, "
-            f"test_batch, batches.meta) and {why}. Run once with network access to download it, pass "
-            "--data.root DIR of an existing copy, or use --data.fake-samples 256 for an offline smoke run on "
-            "random images"
-        ) from None
+    smoke = "use --data.fake-samples 256 for an offline smoke run on random images"
+    train, test = torchvision_datasets(CIFAR10, cfg.data, offline=smoke)
+    return Datasets(train=train, eval=test)

@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 from torchvision.datasets import MNIST
 
-from launcher import DataConfig, Datasets, OptimConfig, ScheduleConfig, TrainConfig, UserError
+from launcher import DataConfig, Datasets, OptimConfig, ScheduleConfig, TrainConfig
+from launcher.data import torchvision_datasets
 
 
 @dataclass(kw_only=True)
@@ -70,15 +71,5 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def build_datasets(cfg: Config) -> Datasets:
-    root = cfg.data.root
-    try:
-        return Datasets(
-            train=MNIST(root, train=True, download=cfg.data.download),
-            eval=MNIST(root, train=False, download=cfg.data.download),
-        )
-    except (RuntimeError, OSError) as exc:
-        raise UserError(
-            f"MNIST not found in {root / 'MNIST' / 'raw'} (torchvision layout: train-images-idx3-ubyte, ...) "
-            f"and it could not be downloaded there ({str(exc).splitlines()[0]}). Run once with network access "
-            "to download it, or pass --data.root DIR of an existing copy (e.g. ../shared/data/mnist-mini)"
-        ) from None
+    train, test = torchvision_datasets(MNIST, cfg.data, example="../shared/data/mnist-mini")
+    return Datasets(train=train, eval=test)

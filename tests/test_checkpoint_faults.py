@@ -868,7 +868,7 @@ def train_args(recipe: Path, out: Path, *args: str) -> list[str]:
         "--run-name",
         "r",
         "--logging.no-progress-bar",
-        "--logging.no-tensorboard",
+        "--logging.trackers",
         *args,
     ]
 

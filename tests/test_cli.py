@@ -48,14 +48,6 @@ def test_recipe_values_are_the_defaults_and_flags_override_them():
     assert cfg.optim.nesterov is False and cfg.model.channels == 8
 
 
-def test_unknown_flag_is_named(capsys):
-    with pytest.raises(SystemExit) as exc:
-        parse("--optim.lrr", "0.1")
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "--optim.lrr" in err and "--optim.lr" in err  # the typo, and the suggestion
-
-
 def test_wrong_type_names_flag_and_expected_type(capsys):
     with pytest.raises(SystemExit) as exc:
         parse("--max-epochs", "three")
@@ -112,6 +104,61 @@ def test_help_lists_every_field_with_docstring_and_default():
     ]:
         assert flag in text and doc in text, flag
     assert "(default: 0.05)" in text  # the recipe's value, not the library's
+    assert "--config FILE" in text and "--print-config" in text
+
+
+def test_print_config_writes_yaml_that_feeds_back_and_flags_after_it_override_it(tmp_path, capsys):
+    from launcher.config import to_dict
+
+    assert (
+        train_main([str(MNIST_RECIPE), "--print-config", "--optim.lr", "0.02", "--model.channels", "12"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("# recipes/mnist.py: the resolved config") or text.startswith("# ")
+    (tmp_path / "mnist.yaml").write_text(text)
+    again = parse("--config", str(tmp_path / "mnist.yaml"))
+    assert to_dict(again) == to_dict(
+        parse("--optim.lr", "0.02", "--model.channels", "12")
+    )  # the recipe's own
+    assert parse("--config", str(tmp_path / "mnist.yaml"), "--optim.lr", "0.3").optim.lr == 0.3  # section too
+    # YAML as people write it: a partial file; PyYAML reads `3e-3` (no dot) as a string, which is taken as 0.003.
+    (tmp_path / "short.yml").write_text("max_epochs: 2\noptim:\n  lr: 3e-3\n  betas: [0.8, 0.9]\n")
+    short = parse("--config", str(tmp_path / "short.yml"))
+    assert (short.max_epochs, short.optim.lr, short.optim.betas, short.optim.momentum) == (
+        2,
+        0.003,
+        (0.8, 0.9),
+        0.9,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "optim:\n  momentom: 0.8\n",
+            r"short.yaml.optim: unknown entries \['momentom'\] \(did you mean 'momentum'\?\)",
+        ),
+        ("optim: [1\n", r"--config .*short.yaml: not valid YAML \(while parsing a flow sequence"),
+        ("- 1\n- 2\n", r"expected a mapping of config sections .*got a list"),
+        ("optim:\n  lr: fast\n", r"short.yaml.optim.lr: expected a number, got 'fast'"),
+    ],
+)
+def test_a_bad_yaml_config_names_the_entry_and_the_closest_valid_one(tmp_path, content, message):
+    (tmp_path / "short.yaml").write_text(content)
+    with pytest.raises(UserError, match=message):
+        parse("--config", str(tmp_path / "short.yaml"))
+
+
+def test_an_unknown_flag_is_one_line_naming_the_closest_flag_and_a_help_command_that_runs(capsys):
+    assert train_main([str(MNIST_RECIPE), "--optim.lrr", "0.1", "--max_epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: unknown flag --optim.lrr; did you mean --optim.lr? "
+        f"(`python -m launcher.train {MNIST_RECIPE} --help` lists every flag)\n"
+    )  # not its value 0.1, and --max_epochs (tyro accepts underscores) is known
+    assert train_main([str(MNIST_RECIPE), "--logging.no-progres-bar"]) == 2
+    assert "did you mean --logging.no-progress-bar?" in capsys.readouterr().err
 
 
 def test_config_json_feeds_back(tmp_path):
@@ -258,7 +305,7 @@ def test_every_recipe_default_is_valid(recipe):
 
 def test_config_that_is_a_directory_or_not_utf8_names_the_file(tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    with pytest.raises(UserError, match=r"--config .*run is a directory; pass a config\.json"):
+    with pytest.raises(UserError, match=r"--config .*run is a directory; pass a YAML file \(see --print-config\) or a run's config\.json"):
         parse("--config", str(tmp_path / "run"))
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"is a directory; pass .*run/config\.json"):  # the one inside it
@@ -267,7 +314,7 @@ def test_config_that_is_a_directory_or_not_utf8_names_the_file(tmp_path, capsys)
     with pytest.raises(UserError, match=r"--config .*latin1\.json: not UTF-8 text"):
         parse("--config", str(tmp_path / "latin1.json"))
     (tmp_path / "list.json").write_text("[1, 2]")
-    with pytest.raises(UserError, match=r"--config .*list\.json: expected a JSON object"):
+    with pytest.raises(UserError, match=r"--config .*list\.json: expected a mapping of config sections"):
         parse("--config", str(tmp_path / "list.json"))
     assert train_main([str(MNIST_RECIPE), "--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -296,7 +343,7 @@ def test_recipe_that_exits_while_loading_is_an_error_not_success(capsys):
 
 def run_faulty(tmp_path: Path, fault: str, *extra: str) -> int:
     return train_main([str(TEST_RECIPES / "faulty.py"), "--fault", fault, "--output-dir", str(tmp_path),
-                       "--run-name", "r", "--logging.no-progress-bar", "--logging.no-tensorboard", *extra])  # fmt: skip
+                       "--run-name", "r", "--logging.no-progress-bar", "--logging.trackers", *extra])  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,10 @@ DataLoader path (augmentation included), mid-epoch starts equal to the tail of a
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -153,3 +157,98 @@ def test_a_workers_user_error_reaches_the_user_as_its_message_alone():
     with pytest.raises(UserError) as exc:
         list(source.batches([torch.arange(10)]))
     assert str(exc.value) == "cannot read image /data/7.png (truncated)"
+
+
+class RandomItems(Dataset):
+    """Item i is (i, a random draw of the process that loads it, as a random transform would make, that process's
+    id): which sample, what was drawn for it, and by which process."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return i, torch.randint(2**31, ()).item(), os.getpid()
+
+
+def streamed(source: Source, plan: TrainPlan, passes: list[tuple[int, int]]) -> list[list[list[list[int]]]]:
+    """For each (epoch, start), the batches as [sample ids, draws, process ids] that source loads."""
+    data = TrainData(source, plan, None, 0, shuffle=True)
+    return [[[t.tolist() for t in batch] for batch in data.epoch(e, b)] for e, b in passes]
+
+
+def test_persistent_workers_keep_the_order_and_random_draws_of_fresh_ones_at_any_resume():
+    """One source that streams epochs 0 and 1 with the same 2 workers loads what a source started afresh at each
+    epoch loads, and what a resume mid-epoch 1 loads, random draws in the workers included, with 1 worker too."""
+    plan = TrainPlan(400, 16, 2, 1, True)
+
+    def source(workers: int, persistent: bool = True) -> Source:
+        return Source(RandomItems(400), False, CPU, workers, images=False, persistent_workers=persistent)
+
+    def drawn(passes: list[list[list[list[int]]]]) -> list[list[list[int]]]:
+        return [[batch[:2] for batch in epoch] for epoch in passes]  # not the process ids
+
+    uninterrupted = drawn(streamed(source(2), plan, [(0, 0), (1, 0)]))
+    for workers, persistent in ((2, False), (1, True)):
+        fresh = [drawn(streamed(source(workers, persistent), plan, [(e, 0)]))[0] for e in (0, 1)]
+        assert fresh == uninterrupted
+    assert drawn(streamed(source(2), plan, [(1, 5)]))[0] == uninterrupted[1][5:]
+    in_memory = streamed(Source(RandomItems(400), True, CPU, 0, images=False), plan, [(0, 0), (1, 0)])
+    ids = [[batch[0] for batch in epoch] for epoch in uninterrupted]
+    assert ids == [[batch[0] for batch in epoch] for epoch in in_memory]  # the same samples in the same order
+    draws = [d for epoch in uninterrupted for batch in epoch for d in batch[1]]
+    assert len(set(draws)) > 0.99 * len(draws)  # every batch draws anew: no stream repeats
+
+
+def test_persistent_workers_serve_every_epoch():
+    def pids(workers: int, persistent: bool = True) -> set[int]:
+        source = Source(RandomItems(64), False, CPU, workers, images=False, persistent_workers=persistent)
+        passes = streamed(source, TrainPlan(64, 16, 1, 0, True), [(0, 0), (1, 0), (2, 0)])
+        return {pid for epoch in passes for batch in epoch for pid in batch[2]}
+
+    assert len(pids(2)) == 2  # the same 2 workers for 3 epochs
+    assert len(pids(2, persistent=False)) == 6
+    assert pids(0) == {os.getpid()}
+
+
+def test_evaluation_after_an_abandoned_pass_is_exact():
+    """first() takes one batch and abandons the pass (the workers have more prefetched): evaluations after it
+    still see every sample once."""
+    source = Source(IndexImages(250), False, CPU, 2, prefetch_factor=3)
+    data = EvalData(source, 20, 1, 0, DeviceTransform(DataConfig(), 0, CPU))
+    assert decode(data.first(3)[0]) == [0, 1, 2]
+    for _ in range(2):
+        assert [i for x, _ in data for i in decode(x)] == list(range(250))
+
+
+def test_a_pass_cannot_resume_after_a_newer_one_started():
+    source = Source(IndexImages(100), False, CPU, 1)
+    older = source.batches(torch.arange(100).split(10))
+    next(older)
+    assert len(list(source.batches(torch.arange(100).split(25)))) == 4
+    with pytest.raises(RuntimeError, match="after a newer pass had started"):
+        next(older)
+
+
+def test_prefetch_factor_must_be_positive():
+    from launcher.errors import UserError
+
+    with pytest.raises(UserError, match=r"--data\.prefetch-factor must be at least 1, got 0"):
+        Source(IndexImages(10), False, CPU, 2, prefetch_factor=0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+def test_loader_workers_leave_stop_signals_to_the_main_process(sig):
+    """SLURM sends its warning signal (USR1) to every process of the job step, loader workers included, and a
+    terminal sends Ctrl-C to the whole process group. Workers that persist from setup on, forked before the
+    training loop routes these signals to its stop flag, would die of them; they ignore them instead."""
+    source = Source(RandomItems(64), False, CPU, 2, images=False)
+    plan = TrainPlan(64, 16, 1, 0, True)
+    before = {pid for batch in streamed(source, plan, [(0, 0)])[0] for pid in batch[2]}
+    for pid in before:
+        os.kill(pid, sig)
+    time.sleep(0.5)  # a killed worker would be noticed by then (the loader checks on SIGCHLD)
+    after = {pid for batch in streamed(source, plan, [(1, 0)])[0] for pid in batch[2]}
+    assert after == before and len(before) == 2

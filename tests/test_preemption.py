@@ -160,7 +160,7 @@ def test_usr1_saves_requeues_the_array_task_and_exits_3(tmp_path: Path) -> None:
     }
     cmd = [sys.executable, "-m", "launcher.train", str(REPO / "recipes" / "mnist.py")]
     cmd += ["--data.root", str(MNIST_MINI), "--output-dir", str(tmp_path / "runs"), "--max-steps", "2000"]
-    cmd += ["--logging.every-steps", "2", "--logging.no-progress-bar", "--logging.no-tensorboard"]
+    cmd += ["--logging.every-steps", "2", "--logging.no-progress-bar", "--logging.trackers"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs" / "mnist-1230_4"  # the array task's run directory
     metrics = run_dir / "metrics.jsonl"

@@ -493,7 +493,7 @@ RECIPE_ARGS = [
     "--logging.every-steps",
     "5",
     "--logging.no-progress-bar",
-    "--logging.no-tensorboard",
+    "--logging.trackers",
     "--preemption.check-every-steps",
     "2",
 ]

@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot-lr": ("launcher.tools.plot_lr", "draw the learning-rate schedule a recipe would run, to a PNG"),
     "plot": (
         "launcher.tools.plot_curves",
-        "draw a run's train/validation curves from its metrics.jsonl, to a PNG",
+        "draw the train/validation curves of one or more runs (overlaid, one colour each), to a PNG",
     ),
     "sweep-summary": ("launcher.tools.sweep", "tabulate the final and best metrics of the runs of a sweep"),
     "convert-ckpt": (

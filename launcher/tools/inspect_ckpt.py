@@ -87,9 +87,12 @@ def describe(path: Path, key: str | None = None, list_all: bool = False) -> list
         f"({', '.join(f'{d} x{n}' for d, n in dtypes.most_common())})"
     )
     lines.append(f"prefixes:  {prefix_report(list(state))}")
-    for name, value in {**loaded.metadata, **extras}.items():
-        if name == ALIASES_KEY:
-            continue
+    # The safetensors header's string metadata (safetensors.torch writes format=pt; the launcher records tied
+    # tensors under ALIASES_KEY) describes the file, not entries of a checkpoint dict.
+    metadata = {k: v for k, v in loaded.metadata.items() if k != ALIASES_KEY}
+    if metadata:
+        lines.append(f"metadata:  {', '.join(f'{k}={v}' for k, v in metadata.items())} (safetensors header)")
+    for name, value in extras.items():
         lines.append(f"entry:     {name} = {_value_summary(value)}")
     shown = list(state.items()) if list_all else list(state.items())[:8]
     for i, (k, t) in enumerate(shown):

@@ -17,7 +17,7 @@ from launcher.train import _make_accelerator
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 out = Path(sys.argv[1])
-accelerator = _make_accelerator(TrainConfig(logging=LoggingConfig(tensorboard=False)), out.parent)
+accelerator = _make_accelerator(TrainConfig(logging=LoggingConfig(trackers=())), out.parent)
 found = {"processes": accelerator.num_processes}
 cases = {
     # 93 held-out rows: 47 and 46 on two processes.

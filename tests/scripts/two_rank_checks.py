@@ -23,7 +23,7 @@ from launcher.train import _make_accelerator
 
 out, root = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = TrainConfig(
-    compile=True, logging=LoggingConfig(tensorboard=False), data=DataConfig(mean=(0.1307,), std=(0.3081,))
+    compile=True, logging=LoggingConfig(trackers=()), data=DataConfig(mean=(0.1307,), std=(0.3081,))
 )
 accelerator = _make_accelerator(cfg, out.parent)
 torch.manual_seed(0)
