@@ -305,7 +305,10 @@ def test_every_recipe_default_is_valid(recipe):
 
 def test_config_that_is_a_directory_or_not_utf8_names_the_file(tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    with pytest.raises(UserError, match=r"--config .*run is a directory; pass a YAML file \(see --print-config\) or a run's config\.json"):
+    with pytest.raises(
+        UserError,
+        match=r"--config .*run is a directory; pass a YAML file \(see --print-config\) or a run's config\.json",
+    ):
         parse("--config", str(tmp_path / "run"))
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"is a directory; pass .*run/config\.json"):  # the one inside it

@@ -413,7 +413,11 @@ def test_launcher_checkpoint_exports_to_a_plain_pt(tmp_path, capsys, mnist_root)
     # The trainer's --weights and inspect-ckpt take the checkpoint folder itself.
     assert_equal_state(read_weights(step), load_file(step / "model.safetensors"))
     code, stdout, _ = run_inspect(capsys, step)
-    assert code == 0 and "format:    safetensors, read safely" in stdout and "metadata:  format=pt, step=2 (safetensors header)" in stdout
+    assert (
+        code == 0
+        and "format:    safetensors, read safely" in stdout
+        and "metadata:  format=pt, step=2 (safetensors header)" in stdout
+    )
 
 
 def test_trainer_weights_accept_a_wrapped_dataparallel_file_with_numpy_extras(tmp_path, capsys, mnist_root):
