@@ -201,11 +201,16 @@ def run(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
         preemption.uninstall()
         if mlog is not None:
             mlog.close()
+        training = None  # the model goes before the process group: see _end
         _end(accelerator)
 
 
 def _end(accelerator: Accelerator | None) -> None:
     if accelerator is not None:
+        # A DDP model's reducer holds the process group. Freed after end_training destroyed the group, it would
+        # destroy the gloo group itself, holding the GIL, and with torch < 2.14 that can deadlock (gloo's thread
+        # releases the last all-gather's tensors, which needs the GIL): free the models while the group lives.
+        accelerator.free_memory()
         accelerator.end_training()
     # Let another run start in this process (tests, sweeps) with a different configuration.
     AcceleratorState._reset_state(reset_partial_state=False)

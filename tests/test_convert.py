@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import shlex
 import struct
 import sys
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -225,12 +227,16 @@ FAILS = {
     ],
 }
 CONVERTS_OPACUS = "opacus_imagenet_style_numpy_model_best.pth.tar"
+# numpy 2 renamed numpy.core to numpy._core (numpy 1.x has no numpy._core; 1.26 only a stub)
+MULTIARRAY = importlib.import_module(
+    "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
+)
 # Extras the numpy/argparse allowlist lets through and the test uses as an independent reference reader.
 NUMPY_AND_ARGPARSE = [
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+    (MULTIARRAY.scalar, "numpy.core.multiarray.scalar"),
+    (MULTIARRAY.scalar, "numpy._core.multiarray.scalar"),
     np.dtype,
-    np.dtypes.Float64DType,
+    type(np.dtype("float64")),  # numpy.dtypes.Float64DType (a public name from numpy 1.25 on)
     argparse.Namespace,
 ]
 
@@ -684,7 +690,8 @@ def test_a_main_class_is_refused_before_anything_is_unpickled(tmp_path, capsys, 
 
 def test_torchscript_archives_are_refused(tmp_path, capsys):
     path = tmp_path / "scripted.pt"
-    with pytest.warns(FutureWarning):
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript with a FutureWarning
+        warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(nn.Linear(2, 2)).save(path)
     code, _, err = run_convert(capsys, path, "-o", tmp_path / "o.safetensors")
     assert code == 2 and "TorchScript archive" in err

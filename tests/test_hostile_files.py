@@ -93,7 +93,9 @@ class Reduce:
 
 
 # ---- 15: numpy dtypes ------------------------------------------------------------------------------------------
-SCALAR = importlib.import_module("numpy._core.multiarray").scalar
+SCALAR = importlib.import_module(
+    "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
+).scalar
 # The state numpy's dtype.__setstate__ takes: (version, byte order, subarray, names, fields, itemsize, alignment,
 # flags). These give 8 raw bytes a field "a" of Python objects; flags 0 keeps numpy from noticing, so the bytes
 # the file supplies are later used as a PyObject pointer.

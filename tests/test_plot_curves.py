@@ -187,7 +187,7 @@ def test_several_runs_share_the_panels_one_colour_each(lr_runs, tmp_path):
     out = tmp_path / "sweep.png"
     panels = plot(lr_runs, out)
     assert out.read_bytes()[:8] == PNG_SIGNATURE
-    assert list(panels) == ["loss", "accuracy", "lr"]
+    assert list(panels) == ["loss", "accuracy", "grad_norm", "lr"]
     labels = ["optim.lr=0.05", "optim.lr=0.1"]  # the one setting the runs differ in, from their config.json
     for name, curves in panels.items():
         assert sorted({s.run for s in curves}) == labels, name
@@ -270,7 +270,15 @@ def test_a_regression_run_gets_its_own_metrics(tmp_path):
     args = ["--data.path", DIABETES, "--max-epochs", "2", "--output-dir", tmp_path, "--run-name", "tab"]
     assert train(TABULAR, *args, "--logging.no-progress-bar") == 0
     panels = plot(tmp_path / "tab", tmp_path / "c.png")
-    assert list(panels) == ["loss", "mse", "rmse", "mae", "r2", "lr"]  # no accuracy: the records have none
+    assert list(panels) == [
+        "loss",
+        "mse",
+        "rmse",
+        "mae",
+        "r2",
+        "grad_norm",
+        "lr",
+    ]  # no accuracy: the records have none
     evals = metrics(tmp_path / "tab", "eval")
     (r2,) = panels["r2"]
     assert (r2.kind, r2.steps, r2.values) == ("eval", [12, 24], [r["r2"] for r in evals])
@@ -297,7 +305,7 @@ def test_cli_with_several_runs(lr_runs, tmp_path, capsys):
     assert main([*map(str, lr_runs), "--out", str(out)]) == 0
     assert (
         capsys.readouterr().out
-        == f"wrote {out}: 2 runs (optim.lr=0.05; optim.lr=0.1); panels loss, accuracy, lr\n"
+        == f"wrote {out}: 2 runs (optim.lr=0.05; optim.lr=0.1); panels loss, accuracy, grad_norm, lr\n"
     )
     assert matplotlib.image.imread(out).shape[1] == 1100
     assert main([*map(str, lr_runs)]) == 0  # default output: beside the runs, in their folder

@@ -91,7 +91,9 @@ def describe(path: Path, key: str | None = None, list_all: bool = False) -> list
     # tensors under ALIASES_KEY) describes the file, not entries of a checkpoint dict.
     metadata = {k: v for k, v in loaded.metadata.items() if k != ALIASES_KEY}
     if metadata:
-        lines.append(f"metadata:  {', '.join(f'{k}={v}' for k, v in metadata.items())} (safetensors header)")
+        lines.append(
+            f"metadata:  {', '.join(f'{k}={v}' for k, v in sorted(metadata.items()))} (safetensors header)"
+        )
     for name, value in extras.items():
         lines.append(f"entry:     {name} = {_value_summary(value)}")
     shown = list(state.items()) if list_all else list(state.items())[:8]

@@ -38,9 +38,20 @@ from launcher.tools.sweep import Run, _fmt, varied_keys
 LABELS = {"train": "train", "eval": "validation"}
 COLORS = {"train": "C0", "eval": "C1"}  # one run: the same colour for a kind in every panel
 LINESTYLES = {"train": "--", "eval": "-"}  # several runs: the colour is the run's, the line style the kind's
+# How fast and how big (launcher/progress.py): the hardware's story, not the learning curves.
+PERFORMANCE = {
+    "samples_per_s",
+    "tokens_per_s",
+    "tflops",
+    "mfu",
+    "mem_alloc_gb",
+    "mem_reserved_gb",
+    "rss_peak_gb",
+}
 # Bookkeeping, throughput and counts (skipped_steps: updates the fp16 grad scaler skipped, logged only when
 # there were some, so a line through its points would mislead).
-NOT_CURVES = {"kind", "step", "epoch", "samples", "samples_per_s", "skipped_steps"}
+NOT_CURVES = {"kind", "step", "epoch", "samples", "skipped_steps",
+              *PERFORMANCE}  # fmt: skip
 MAX_LABEL_KEYS = 4  # a legend label of more settings than this would not fit beside the panels
 LR_TAG = "train/lr"  # the TensorBoard tag of the lr (launcher/progress.py)
 
