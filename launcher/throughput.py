@@ -19,6 +19,7 @@ import re
 import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -136,8 +137,15 @@ def format_mfu(value: float | None) -> str:
 
 # ---- memory ----------------------------------------------------------------------------------------------------
 def peak_rss_bytes() -> int:
-    """The process's peak resident memory since it started, in bytes (ru_maxrss is KiB on Linux, bytes on macOS);
-    the peak cannot be reset."""
+    """The process's peak resident memory since it started, in bytes; the peak cannot be reset. On Linux the
+    high-water mark of its own memory (VmHWM): ru_maxrss there survives exec, so a process started by a big one
+    (a launcher, pytest) would report its parent's peak. Elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

@@ -147,7 +147,7 @@ print(json.dumps([before, after, peak_memory(torch.device("cpu")), peak_rss_byte
     assert before > 0
     assert after >= before + 200 * 2**20
     assert set(memory) == {"rss_peak_gb"} and memory["rss_peak_gb"] == pytest.approx(after / 1e9, rel=0.01)
-    assert last >= after
+    assert last >= after - 4 * 2**20  # the kernel syncs per-thread RSS counters lazily: a few pages of slack
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
